@@ -1,0 +1,34 @@
+"""meta: vectorized gradient-based meta-learning (MAML and its family) on torch.func."""
+
+from meta.adaptation import adapt, task_loss
+from meta.drivers import DRIVERS, TaskBatchResult, loop_driver, vmap_driver
+from meta.learner import FusedNormError, MetaLearner
+from meta.models import MLP, Conv4, TaskBatchNorm, build_model
+from meta.per_sample import per_sample_grads, per_sample_grads_loop
+from meta.rules import RULES, InnerRule, build_rule, first_order, masked, register_rule, sgd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DRIVERS",
+    "MLP",
+    "RULES",
+    "Conv4",
+    "FusedNormError",
+    "InnerRule",
+    "MetaLearner",
+    "TaskBatchNorm",
+    "TaskBatchResult",
+    "adapt",
+    "build_model",
+    "build_rule",
+    "first_order",
+    "loop_driver",
+    "masked",
+    "per_sample_grads",
+    "per_sample_grads_loop",
+    "register_rule",
+    "sgd",
+    "task_loss",
+    "vmap_driver",
+]

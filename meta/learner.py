@@ -1,0 +1,112 @@
+"""``MetaLearner``: a model, an inner rule and its learnable tensors, with both drivers."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meta.adaptation import LossFn, task_loss
+from meta.drivers import DRIVERS, TaskBatchResult, vmap_forward
+from meta.models.functional import buffers_of, functional_forward, parameters_of
+from meta.models.norms import find_fused_norms
+from meta.rules.base import InnerRule
+
+Params = dict[str, torch.Tensor]
+Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class FusedNormError(ValueError):
+    """A fused norm layer would give wrong second-order meta-gradients under vmap."""
+
+
+def _to_key(name: str) -> str:
+    if "__" in name:
+        raise ValueError(f"rule parameter name {name!r} must not contain '__'")
+    return name.replace(".", "__")
+
+
+def _from_key(key: str) -> str:
+    return key.replace("__", ".")
+
+
+class MetaLearner(nn.Module):
+    """Meta-learns a model's initialization together with the learnable tensors of an inner rule.
+
+    ``learner.parameters()`` is everything the outer optimizer trains: the
+    model's parameters and the rule's parameters (``learner.rule_params``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: InnerRule,
+        inner_steps: int,
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
+        super().__init__()
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        self.model = model
+        self.rule = rule
+        self.inner_steps = inner_steps
+        self.loss_fn = loss_fn
+        initial = {k: v.detach() for k, v in parameters_of(model).items()}
+        self.rule_params = nn.ParameterDict(
+            {_to_key(k): nn.Parameter(v.clone()) for k, v in rule.init_rule_params(initial).items()}
+        )
+        self._fused_norms = find_fused_norms(model)
+
+    def functional_state(self) -> tuple[Params, Params, Params]:
+        """``(params, rule_params, buffers)`` as name -> tensor dicts."""
+        rule_params = {_from_key(k): v for k, v in self.rule_params.items()}
+        return parameters_of(self.model), rule_params, buffers_of(self.model)
+
+    def _detached_state(self) -> tuple[Params, Params, Params]:
+        # torch.func differentiates on its own; no outer autograd graph is needed.
+        return tuple({k: v.detach() for k, v in tree.items()} for tree in self.functional_state())
+
+    def task_fn(self, inner_steps: int | None = None) -> Callable:
+        """The per-task function with this learner's model, rule and step count bound."""
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        return functools.partial(
+            task_loss, forward=functional_forward(self.model), rule=self.rule, steps=steps, loss_fn=self.loss_fn
+        )
+
+    def _check_driver(self, driver: str, second_order: bool) -> None:
+        if driver not in DRIVERS:
+            raise ValueError(f"unknown driver {driver!r}; choose one of {sorted(DRIVERS)}")
+        if driver == "vmap" and second_order and self._fused_norms:
+            layers = ", ".join(f"{path} ({kind})" for path, kind in self._fused_norms)
+            raise FusedNormError(
+                f"fused norm layers give wrong second-order meta-gradients under vmap on this torch "
+                f"(pytorch/functorch#534): {layers}. Use meta.models.TaskBatchNorm (norm='task_bn') or "
+                f"nn.GroupNorm (norm='group') instead, or the 'loop' driver, or a first-order rule."
+            )
+
+    def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
+        """Per-task losses/accuracies and the meta-gradient of the mean query loss for a batch of tasks.
+
+        ``tasks`` is ``(support_x, support_y, query_x, query_y)``, each shaped ``[tasks, n*k, ...]``.
+        """
+        self._check_driver(driver, second_order=not self.rule.first_order and self.inner_steps > 0)
+        params, rule_params, buffers = self._detached_state()
+        return DRIVERS[driver](self.task_fn(), params, rule_params, buffers, tuple(tasks), chunk_size)
+
+    def write_grads(self, result: TaskBatchResult) -> None:
+        """Store a result's meta-gradients in ``.grad`` of the model and rule parameters."""
+        for name, p in self.model.named_parameters():
+            p.grad = result.grads[name].detach().clone()
+        for key, p in self.rule_params.items():
+            p.grad = result.rule_grads[_from_key(key)].detach().clone()
+
+    @torch.no_grad()
+    def evaluate(
+        self, tasks: Tasks, inner_steps: int | None = None, chunk_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task query loss and accuracy after ``inner_steps`` adaptation steps (vmapped, no meta-gradient)."""
+        params, rule_params, buffers = self._detached_state()
+        return vmap_forward(self.task_fn(inner_steps), params, rule_params, buffers, tuple(tasks), chunk_size)

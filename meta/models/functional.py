@@ -1,0 +1,48 @@
+"""The functional view of a model: parameters and buffers as dicts of tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+
+def parameters_of(model: nn.Module) -> Params:
+    """The model's parameters as a name -> tensor dict (the live tensors, not copies)."""
+    return dict(model.named_parameters())
+
+
+def buffers_of(model: nn.Module) -> Params:
+    """The model's buffers as a name -> tensor dict."""
+    return dict(model.named_buffers())
+
+
+def functional_forward(model: nn.Module) -> Callable[[Params, Params, torch.Tensor], torch.Tensor]:
+    """Return ``forward(params, buffers, x)``, a pure function of its arguments."""
+
+    def forward(params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, (params, buffers), (x,))
+
+    return forward
+
+
+def detached(tree: Params) -> Params:
+    """A copy of a tensor dict cut from every autograd graph (and torch.func level)."""
+    return {k: v.detach() for k, v in tree.items()}
+
+
+def global_norm(tree: Params) -> torch.Tensor:
+    """The l2 norm of all tensors of a dict taken together."""
+    return torch.sqrt(sum((v.double() ** 2).sum() for v in tree.values()))
+
+
+def relative_error(a: Params, b: Params) -> float:
+    """Global-norm relative error ``|a - b| / max(|b|, tiny)`` between two tensor dicts with the same keys."""
+    if a.keys() != b.keys():
+        raise KeyError(f"key mismatch: {sorted(set(a) ^ set(b))}")
+    diff = global_norm({k: a[k] - b[k] for k in a})
+    return float(diff / global_norm(b).clamp_min(1e-300))

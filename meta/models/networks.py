@@ -1,0 +1,94 @@
+"""The MAML Conv4 and MLP few-shot models, each with an N-way linear head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meta.models.norms import make_norm
+
+DOWNSAMPLE_CHOICES = ("stride", "maxpool")
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv, norm, ReLU, then 2x downsampling by stride or max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, downsample: str) -> None:
+        super().__init__()
+        if downsample not in DOWNSAMPLE_CHOICES:
+            raise ValueError(f"unknown downsample {downsample!r}; choose one of {DOWNSAMPLE_CHOICES}")
+        stride = 2 if downsample == "stride" else 1
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.norm = make_norm(norm, out_channels)
+        self.pool = nn.MaxPool2d(2) if downsample == "maxpool" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.norm(self.conv(x))))
+
+
+class Conv4(nn.Module):
+    """Four conv blocks with 64 filters and an N-way linear head.
+
+    ``downsample="stride"`` is MAML's Omniglot network (strided convolutions,
+    features averaged over space before the head); ``"maxpool"`` is the
+    MAML++/ProtoNets variant (padded convolutions, 2x2 max-pool, flattened).
+    """
+
+    def __init__(
+        self,
+        ways: int,
+        in_channels: int = 1,
+        hidden: int = 64,
+        norm: str = "task_bn",
+        downsample: str = "stride",
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        channels = [in_channels, hidden, hidden, hidden, hidden]
+        self.features = nn.Sequential(
+            *(ConvBlock(channels[i], channels[i + 1], norm, downsample) for i in range(4))
+        )
+        self.downsample = downsample
+        side = image_size
+        for _ in range(4):
+            side = (side + 1) // 2 if downsample == "stride" else side // 2
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
+        self.embedding_dim = hidden if downsample == "stride" else hidden * side * side
+        self.head = nn.Linear(self.embedding_dim, ways)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before the head: ``[batch, embedding_dim]``."""
+        h = self.features(x)
+        return h.mean(dim=(2, 3)) if self.downsample == "stride" else h.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+class MLP(nn.Module):
+    """MAML's fully connected network: 256-128-64-64 hidden units, norm, ReLU, N-way head."""
+
+    def __init__(
+        self,
+        ways: int,
+        in_features: int = 28 * 28,
+        hidden: tuple[int, ...] = (256, 128, 64, 64),
+        norm: str = "task_bn",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), make_norm(norm, h), nn.ReLU()]
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.embedding_dim = width
+        self.head = nn.Linear(width, ways)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before the head: ``[batch, embedding_dim]``."""
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))

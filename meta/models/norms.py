@@ -1,0 +1,71 @@
+"""Normalization layers that are exact under ``torch.func`` transforms.
+
+``TaskBatchNorm`` is batch normalization written from ``mean``/``var``
+primitives. Under ``vmap`` over tasks each task is normalized with its own
+batch statistics (transductive, as in MAML). It keeps no running statistics,
+so it has no buffers and nothing is updated in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Fused norm layers whose second-order gradients are wrong under vmap on
+#: torch 2.14.1 (pytorch/functorch#534).
+FUSED_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+)
+
+
+class TaskBatchNorm(nn.Module):
+    """Batch norm over every dimension but the channel one (dim 1), with a learnable affine.
+
+    Statistics come from the current batch (one task's support or query set);
+    there are no running statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
+        return x_hat * self.weight.view(shape) + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+NORM_CHOICES = ("task_bn", "group", "none")
+
+
+def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
+    """Build a norm layer by name: ``task_bn``, ``group`` (GroupNorm) or ``none``."""
+    if kind == "task_bn":
+        return TaskBatchNorm(channels)
+    if kind == "group":
+        if channels % groups:
+            raise ValueError(f"GroupNorm needs channels ({channels}) divisible by groups ({groups})")
+        return nn.GroupNorm(groups, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose one of {NORM_CHOICES}")
+
+
+def find_fused_norms(model: nn.Module) -> list[tuple[str, str]]:
+    """Return ``(module path, class name)`` of every fused norm layer in ``model``."""
+    return [
+        (name or "<root>", type(module).__name__)
+        for name, module in model.named_modules()
+        if isinstance(module, FUSED_NORM_TYPES)
+    ]

@@ -1,0 +1,146 @@
+"""The functional MAML core: drivers agree with each other, with a plain-autograd reference, and with learn2learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import meta
+from meta.models import relative_error
+from tests.helpers import random_tasks, reference_maml
+
+TOL = 1e-10
+
+MODELS = [("conv4", "task_bn"), ("conv4", "none"), ("mlp", "task_bn")]
+
+
+def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float = 0.4, seed: int = 0):
+    torch.manual_seed(seed)  # only the weight initialization of this test model
+    model = meta.build_model(kind, ways=5, norm=norm).double()
+    rule = meta.sgd(lr=lr, first_order=first_order)
+    return meta.MetaLearner(model, rule, inner_steps=steps)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return random_tasks(tasks=4, ways=5, shots=1, queries=2)
+
+
+@pytest.mark.parametrize("kind,norm", MODELS)
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
+    learner = make_learner(kind, norm, steps, first_order)
+    loop = learner.meta_gradient(tasks, driver="loop")
+    for chunk_size in (None, 3):
+        vm = learner.meta_gradient(tasks, driver="vmap", chunk_size=chunk_size)
+        assert torch.allclose(vm.loss, loop.loss, rtol=TOL, atol=0)
+        assert torch.equal(vm.accuracy, loop.accuracy)
+        assert relative_error(vm.adapted, loop.adapted) < TOL
+        assert relative_error(vm.grads, loop.grads) < TOL
+
+    params = dict(learner.model.named_parameters())
+    ref_loss, ref_grads, ref_adapted = reference_maml(kind, norm, params, tasks, 0.4, steps, first_order)
+    assert torch.allclose(loop.loss, ref_loss, rtol=TOL, atol=0)
+    assert relative_error(loop.grads, ref_grads) < TOL
+    stacked = {k: torch.stack([a[k] for a in ref_adapted]) for k in ref_adapted[0]}
+    assert relative_error(loop.adapted, stacked) < TOL
+
+
+def test_first_order_differs_from_second_order(tasks):
+    first = make_learner("conv4", "task_bn", 1, first_order=True).meta_gradient(tasks)
+    second = make_learner("conv4", "task_bn", 1, first_order=False).meta_gradient(tasks)
+    assert torch.allclose(first.loss, second.loss, rtol=1e-12)  # same forward
+    assert relative_error(first.grads, second.grads) > 1e-3  # different gradient
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_matches_learn2learn(tasks, first_order):
+    import learn2learn as l2l
+
+    steps, lr = 2, 0.4
+    learner = make_learner("conv4", "task_bn", steps, first_order, lr=lr)
+    ours = learner.meta_gradient(tasks, driver="vmap")
+
+    maml = l2l.algorithms.MAML(learner.model, lr=lr, first_order=first_order)
+    losses = []
+    for sx, sy, qx, qy in zip(*tasks):
+        clone = maml.clone()
+        for _ in range(steps):
+            clone.adapt(F.cross_entropy(clone(sx), sy))
+        losses.append(F.cross_entropy(clone(qx), qy))
+    names = [n for n, _ in learner.model.named_parameters()]
+    grads = torch.autograd.grad(torch.stack(losses).mean(), list(learner.model.parameters()))
+    assert torch.allclose(ours.loss, torch.stack(losses).detach(), rtol=TOL, atol=0)
+    assert relative_error(ours.grads, dict(zip(names, grads))) < TOL
+
+
+@pytest.mark.parametrize("driver", ["vmap", "loop"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver, steps):
+    result = make_learner("conv4", "task_bn", steps, first_order=False).meta_gradient(tasks, driver=driver)
+    for i in range(4):
+        bias_grad = result.grads[f"features.{i}.conv.bias"]
+        assert bias_grad.abs().max() < 1e-12
+    # and the rest of the meta-gradient is far from zero
+    assert result.grads["features.0.conv.weight"].abs().max() > 1e-6
+
+
+def test_learnable_lr_gets_the_right_meta_gradient(tasks):
+    torch.manual_seed(0)
+    model = meta.build_model("mlp", ways=5, norm="task_bn").double()
+    learner = meta.MetaLearner(model, meta.sgd(lr=0.3, learnable=True), inner_steps=2)
+    vm = learner.meta_gradient(tasks, driver="vmap")
+    loop = learner.meta_gradient(tasks, driver="loop")
+    assert relative_error(vm.rule_grads, loop.rule_grads) < TOL
+    # central finite difference of the mean query loss in the learning rate
+    eps = 1e-6
+    with torch.no_grad():
+        lr = learner.rule_params["lr"]
+        lr += eps
+        up = learner.meta_gradient(tasks, driver="loop").loss.mean()
+        lr -= 2 * eps
+        down = learner.meta_gradient(tasks, driver="loop").loss.mean()
+        lr += eps
+    assert abs(vm.rule_grads["lr"].item() - (up - down).item() / (2 * eps)) < 1e-6
+
+
+def test_fused_batch_norm_is_refused_in_second_order_vmap(tasks):
+    torch.manual_seed(0)
+    model = meta.build_model("conv4", ways=5, norm="none").double()
+    model.features[2].norm = nn.BatchNorm2d(64).double()
+    learner = meta.MetaLearner(model, meta.sgd(lr=0.4), inner_steps=1)
+    with pytest.raises(meta.FusedNormError, match=r"features\.2\.norm \(BatchNorm2d\).*TaskBatchNorm"):
+        learner.meta_gradient(tasks, driver="vmap")
+
+
+def test_write_grads_and_adam_step(tasks):
+    learner = make_learner("conv4", "task_bn", 1, first_order=False)
+    before = {k: v.detach().clone() for k, v in learner.named_parameters()}
+    result = learner.meta_gradient(tasks)
+    learner.write_grads(result)
+    torch.optim.Adam(learner.parameters(), lr=1e-3).step()
+    moved = [k for k, v in learner.named_parameters() if not torch.equal(v, before[k])]
+    assert "model.head.weight" in moved and "model.features.0.conv.weight" in moved
+
+
+def test_evaluate_matches_meta_gradient_forward(tasks):
+    learner = make_learner("conv4", "task_bn", 3, first_order=False)
+    loss, accuracy = learner.evaluate(tasks, inner_steps=3)
+    result = learner.meta_gradient(tasks, driver="loop")
+    assert torch.allclose(loss, result.loss, rtol=1e-12)
+    assert torch.equal(accuracy, result.accuracy)
+
+
+def test_bad_driver_and_steps():
+    with pytest.raises(ValueError, match="inner_steps"):
+        meta.MetaLearner(meta.build_model("mlp", 5), meta.sgd(), inner_steps=-1)
+    learner = meta.MetaLearner(meta.build_model("mlp", 5), meta.sgd(), inner_steps=1)
+    with pytest.raises(ValueError, match="unknown driver"):
+        learner.meta_gradient(random_tasks(2, 5, 1, 1, dtype=torch.float32), driver="threads")
+    with pytest.raises(ValueError, match="unknown model"):
+        meta.build_model("resnet", 5)
+    with pytest.raises(ValueError, match="unknown norm"):
+        meta.build_model("conv4", 5, norm="layer")
