@@ -1,0 +1,186 @@
+"""Vectorized N-way K-shot episode sampling from a ``ClassPool``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+
+from meta.data.pool import ClassPool
+
+# Tasks drawn per internal step in ``evaluation_tasks``; fixed so that the evaluation set
+# does not depend on the caller's batch size.
+_EVAL_CHUNK = 100
+
+
+class TaskBatch(NamedTuple):
+    """A batch of ``T`` tasks; images are float in [0, 1], labels are 0..N-1."""
+
+    support_x: torch.Tensor  # float [T, N*K, C, H, W]
+    support_y: torch.Tensor  # long  [T, N*K]
+    query_x: torch.Tensor  # float [T, N*Q, C, H, W]
+    query_y: torch.Tensor  # long  [T, N*Q]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
+        """Return the batch with every tensor moved to ``device``."""
+        return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks ``T`` in the batch."""
+        return int(self.support_x.shape[0])
+
+
+class TaskIndices(NamedTuple):
+    """Which pool entries make up a batch of tasks (all on the pool's device).
+
+    ``classes[t, n]`` is the pool class that gets label ``n`` in task ``t``;
+    ``drawings[t, n]`` holds its K support drawings followed by its Q query drawings;
+    ``support_order``/``query_order`` permute the example positions within each task.
+    """
+
+    classes: torch.Tensor  # long [T, N]
+    drawings: torch.Tensor  # long [T, N, K+Q]
+    support_order: torch.Tensor  # long [T, N*K]
+    query_order: torch.Tensor  # long [T, N*Q]
+
+    def slice(self, start: int, stop: int) -> TaskIndices:
+        """Tasks ``start:stop``."""
+        return TaskIndices(*(t[start:stop] for t in self))
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class TaskSampler:
+    """Samples batches of N-way K-shot tasks with Q queries per class.
+
+    The pool is moved to ``device`` once; every draw uses the explicit generator passed
+    to ``sample`` (CPU or on the pool's device; indices are drawn on the generator's
+    device and then moved). Class-to-label assignment is a fresh random permutation in
+    every task, every class's drawings are sampled without replacement (support and
+    query drawings are distinct), and, with ``shuffle=True``, example positions inside
+    the support and query sets are shuffled too so position carries no label information.
+    """
+
+    def __init__(
+        self,
+        pool: ClassPool,
+        ways: int,
+        shots: int,
+        queries: int,
+        device: torch.device | str = "cpu",
+        *,
+        shuffle: bool = True,
+    ) -> None:
+        self.ways = _check_positive_int("ways", ways)
+        self.shots = _check_positive_int("shots", shots)
+        self.queries = _check_positive_int("queries", queries)
+        self.shuffle = bool(shuffle)
+        if pool.num_classes < ways:
+            raise ValueError(
+                f"{ways}-way tasks need at least {ways} classes, but this split has only "
+                f"{pool.num_classes}"
+            )
+        need = shots + queries
+        min_count = int(pool.counts.min())
+        if min_count < need:
+            worst = int(pool.counts.argmin())
+            raise ValueError(
+                f"shots + queries = {shots} + {queries} = {need} drawings per class are needed, "
+                f"but class {pool.names[worst]!r} has only {min_count} "
+                f"(drawings are sampled without replacement)"
+            )
+        self.device = torch.device(device)
+        self.pool = pool.to(self.device)
+        self._flat_images = rearrange(self.pool.images, "c d h w -> (c d) h w").contiguous()
+        self._uniform = bool((pool.counts == pool.max_drawings).all())
+        self._counts_by_device: dict[torch.device, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskSampler({self.ways}-way {self.shots}-shot {self.queries}-query, "
+            f"{self.pool.num_classes} classes, device={self.device})"
+        )
+
+    def _counts_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._counts_by_device:
+            self._counts_by_device[device] = self.pool.counts.to(device)
+        return self._counts_by_device[device]
+
+    def sample_indices(self, num_tasks: int, generator: torch.Generator) -> TaskIndices:
+        """Draw the indices of ``num_tasks`` tasks from ``generator``."""
+        num_tasks = _check_positive_int("num_tasks", num_tasks)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        g, dev = generator, generator.device
+        n, k, q = self.ways, self.shots, self.queries
+        c, m = self.pool.num_classes, self.pool.max_drawings
+        # The N smallest of C uniforms, in increasing order: a uniformly random ordered
+        # choice of N distinct classes, so label n -> class is a random assignment.
+        classes = torch.rand(num_tasks, c, generator=g, device=dev).topk(
+            n, dim=1, largest=False
+        ).indices
+        keys = torch.rand(num_tasks, n, m, generator=g, device=dev)
+        if not self._uniform:  # padding slots must never be picked
+            counts = self._counts_on(dev)[classes]
+            pad = torch.arange(m, device=dev) >= counts.unsqueeze(-1)
+            keys = keys.masked_fill(pad, 2.0)
+        drawings = keys.topk(k + q, dim=2, largest=False).indices
+        if self.shuffle:
+            s_order = torch.rand(num_tasks, n * k, generator=g, device=dev).argsort(dim=1)
+            q_order = torch.rand(num_tasks, n * q, generator=g, device=dev).argsort(dim=1)
+        else:
+            s_order = torch.arange(n * k, device=dev).expand(num_tasks, -1)
+            q_order = torch.arange(n * q, device=dev).expand(num_tasks, -1)
+        out = TaskIndices(classes, drawings, s_order, q_order)
+        return TaskIndices(*(t.to(self.device) for t in out))
+
+    def batch_from_indices(self, idx: TaskIndices) -> TaskBatch:
+        """Gather the images and labels named by ``idx`` (pure tensor indexing)."""
+        k = self.shots
+        t = idx.classes.shape[0]
+        # row of each drawing in the flattened [classes * max_drawings, H, W] image tensor
+        rows = idx.classes.unsqueeze(-1) * self.pool.max_drawings + idx.drawings  # [T, N, K+Q]
+
+        def part(r: torch.Tensor, per_class: int, order: torch.Tensor):
+            # before shuffling, position p of the "(n k)" layout holds label p // per_class
+            r = rearrange(r, "t n k -> t (n k)").gather(1, order)
+            x = self._flat_images.index_select(0, r.reshape(-1))
+            x = rearrange(x, "(t m) h w -> t m 1 h w", t=t).float().div_(255.0)
+            return x, torch.div(order, per_class, rounding_mode="floor")
+
+        sx, sy = part(rows[:, :, :k], k, idx.support_order)
+        qx, qy = part(rows[:, :, k:], self.queries, idx.query_order)
+        return TaskBatch(sx, sy, qx, qy)
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """Sample ``num_tasks`` tasks as one ``TaskBatch`` on the sampler's device."""
+        return self.batch_from_indices(self.sample_indices(num_tasks, generator))
+
+
+def evaluation_tasks(
+    sampler: TaskSampler, num_tasks: int, seed: int, batch_size: int
+) -> Iterator[TaskBatch]:
+    """Yield a fixed evaluation set of ``num_tasks`` tasks in batches of ``batch_size``.
+
+    The tasks are a function of ``(sampler's pool and N/K/Q, seed, num_tasks)`` only: a
+    fresh CPU generator seeded with ``seed`` is used, so training history (or the device)
+    does not change them, and neither does ``batch_size`` (indices are drawn in fixed
+    internal chunks, then re-batched).
+    """
+    num_tasks = _check_positive_int("num_tasks", num_tasks)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    chunks = [
+        sampler.sample_indices(min(_EVAL_CHUNK, num_tasks - s), g)
+        for s in range(0, num_tasks, _EVAL_CHUNK)
+    ]
+    idx = TaskIndices(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
+    for start in range(0, num_tasks, batch_size):
+        yield sampler.batch_from_indices(idx.slice(start, min(start + batch_size, num_tasks)))
