@@ -69,11 +69,14 @@ class MetaLearner(nn.Module):
         # torch.func differentiates on its own; no outer autograd graph is needed.
         return tuple({k: v.detach() for k, v in tree.items()} for tree in self.functional_state())
 
-    def task_fn(self, inner_steps: int | None = None) -> Callable:
-        """The per-task function with this learner's model, rule and step count bound."""
-        steps = self.inner_steps if inner_steps is None else inner_steps
+    def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None) -> Callable:
+        """The per-task function with the model, rule and step count bound (defaults: this learner's)."""
         return functools.partial(
-            task_loss, forward=functional_forward(self.model), rule=self.rule, steps=steps, loss_fn=self.loss_fn
+            task_loss,
+            forward=functional_forward(self.model),
+            rule=self.rule if rule is None else rule,
+            steps=self.inner_steps if inner_steps is None else inner_steps,
+            loss_fn=self.loss_fn,
         )
 
     def _check_driver(self, driver: str, second_order: bool) -> None:
@@ -105,8 +108,15 @@ class MetaLearner(nn.Module):
 
     @torch.no_grad()
     def evaluate(
-        self, tasks: Tasks, inner_steps: int | None = None, chunk_size: int | None = None
+        self,
+        tasks: Tasks,
+        inner_steps: int | None = None,
+        rule: InnerRule | None = None,
+        chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-task query loss and accuracy after ``inner_steps`` adaptation steps (vmapped, no meta-gradient)."""
+        """Per-task query loss and accuracy after adaptation (vmapped, no meta-gradient).
+
+        ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
+        """
         params, rule_params, buffers = self._detached_state()
-        return vmap_forward(self.task_fn(inner_steps), params, rule_params, buffers, tuple(tasks), chunk_size)
+        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, tuple(tasks), chunk_size)

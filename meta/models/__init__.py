@@ -1,5 +1,8 @@
 """Model core: few-shot networks and their functional (dict-of-tensors) view."""
 
+import torch
+from torch import nn
+
 from meta.models.functional import (
     Params,
     buffers_of,
@@ -9,21 +12,33 @@ from meta.models.functional import (
     parameters_of,
     relative_error,
 )
-from meta.models.networks import MLP, Conv4
+from meta.models.networks import MLP, Conv4, initialize
 from meta.models.norms import TaskBatchNorm, find_fused_norms, make_norm
 
 
 def build_model(
-    name: str, ways: int, *, norm: str = "task_bn", in_channels: int = 1, image_size: int = 28
-):
-    """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``."""
+    name: str,
+    ways: int,
+    *,
+    norm: str = "task_bn",
+    in_channels: int = 1,
+    image_size: int = 28,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
+
+    With a ``generator`` the weights are drawn from it (:func:`initialize`); without one, PyTorch's
+    default initialization draws from the global RNG.
+    """
     if name == "conv4":
-        return Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size)
-    if name == "conv4_maxpool":
-        return Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size)
-    if name == "mlp":
-        return MLP(ways, in_features=in_channels * image_size * image_size, norm=norm)
-    raise ValueError(f"unknown model {name!r}; choose one of conv4, conv4_maxpool, mlp")
+        model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size)
+    elif name == "conv4_maxpool":
+        model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size)
+    elif name == "mlp":
+        model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of conv4, conv4_maxpool, mlp")
+    return model if generator is None else initialize(model, generator)
 
 
 __all__ = [
@@ -37,6 +52,7 @@ __all__ = [
     "find_fused_norms",
     "functional_forward",
     "global_norm",
+    "initialize",
     "make_norm",
     "parameters_of",
     "relative_error",

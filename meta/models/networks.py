@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meta.models.norms import make_norm
+from meta.models.norms import TaskBatchNorm, make_norm
 
 DOWNSAMPLE_CHOICES = ("stride", "maxpool")
 
@@ -92,3 +92,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-draw every weight from ``generator``: Glorot-uniform conv and linear weights (as MAML's code),
+    zero biases, unit norm scales. Deterministic given the generator, and no global RNG is touched."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight, generator=generator)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, (nn.GroupNorm, TaskBatchNorm)):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+    return model

@@ -1,0 +1,46 @@
+"""Evaluation on a fixed set of test tasks, with 95% confidence intervals."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from meta.data import TaskSampler, evaluation_tasks
+from meta.learner import MetaLearner
+from meta.rules import InnerRule
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` (population std, as ``np.std`` in MAML's code)."""
+    values = values.double().flatten()
+    n = values.numel()
+    if n == 0:
+        raise ValueError("no values to summarize")
+    std = values.std(unbiased=False).item() if n > 1 else 0.0
+    return values.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+def evaluate_learner(
+    learner: MetaLearner,
+    sampler: TaskSampler,
+    *,
+    num_tasks: int,
+    seed: int,
+    batch_size: int,
+    inner_steps: int | None = None,
+    rule: InnerRule | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``."""
+    losses, accuracies = [], []
+    for batch in evaluation_tasks(sampler, num_tasks=num_tasks, seed=seed, batch_size=batch_size):
+        batch = batch.to(device)
+        tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
+        loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
+        losses.append(loss)
+        accuracies.append(accuracy)
+    accuracy, ci95 = mean_ci95(torch.cat(accuracies) * 100)
+    return {"accuracy": accuracy, "ci95": ci95, "loss": torch.cat(losses).mean().item(), "tasks": num_tasks}

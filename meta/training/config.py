@@ -1,0 +1,199 @@
+"""Structured configuration (OmegaConf over dataclasses): unknown keys and wrong types fail at once.
+
+Resolution order: the dataclass defaults below, then ``configs/base.yaml``,
+then ``configs/<preset>.yaml``, then command-line ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or preset is invalid."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "omniglot"  # omniglot | mnist | synthetic
+    protocol: str = "vinyals"  # omniglot: vinyals | lake; mnist: within
+    test_dataset: str | None = None  # null: same as dataset; mnist for the cross-domain protocol
+    test_protocol: str | None = None  # null: same as protocol; cross_domain for Omniglot -> MNIST
+    root: str | None = None  # null: $META_DATA_ROOT, else ~/.cache/meta/data
+    cache_dir: str | None = None  # null: $META_CACHE_DIR, else ~/.cache/meta/cache
+    image_size: int = 28
+    resample: str = "lanczos"  # Omniglot resize filter: lanczos | maml (what PIL did to MAML's 1-bit PNGs)
+    rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])
+    rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    download: bool = False  # opt-in download from the official URLs
+    synthetic_classes: int = 64  # synthetic data set only
+    synthetic_drawings: int = 20  # synthetic data set only
+
+
+@dataclass
+class TaskConfig:
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1  # per class, training and validation
+    test_queries: int | None = None  # per class at test time; null: same as queries
+
+
+@dataclass
+class ModelConfig:
+    name: str = "conv4"  # conv4 (strided, MAML) | conv4_maxpool | mlp
+    norm: str = "task_bn"  # task_bn | group | none
+
+
+@dataclass
+class InnerConfig:
+    rule: str = "sgd"  # a registered inner rule (meta.rules.RULES)
+    lr: float = 0.4
+    steps: int = 1
+    first_order: bool = False
+    learnable_lr: bool = False
+    test_lr: float | None = None  # null: same as lr
+    test_steps: int | None = None  # null: same as steps
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 60000
+    meta_batch: int = 32
+    meta_lr: float = 1e-3
+    chunk_size: int | None = None  # vmap chunk size (bounds memory); null: all tasks at once
+    log_every: int = 10
+    val_every: int = 500
+    val_tasks: int = 200
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class EvalConfig:
+    tasks: int = 600
+    batch_size: int = 50
+    seed: int = 1234  # the test task set is a fixed function of this seed
+    checkpoint: str = "best"  # best (highest validation accuracy) | last
+
+
+@dataclass
+class ReferenceConfig:
+    accuracy: float | None = None  # the paper's number, in percent
+    ci95: float | None = None
+    source: str | None = None
+
+
+@dataclass
+class Config:
+    preset: str | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | float64
+    driver: str = "vmap"  # vmap | loop
+    out_dir: str | None = None  # null: runs/<preset>-seed<seed>
+    resume: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("float32", "float64"),
+    "driver": ("vmap", "loop"),
+    "data.dataset": ("omniglot", "mnist", "synthetic"),
+    "model.name": ("conv4", "conv4_maxpool", "mlp"),
+    "model.norm": ("task_bn", "group", "none"),
+    "eval.checkpoint": ("best", "last"),
+}
+
+POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
+            "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
+            "data.image_size")
+
+
+def available_presets() -> list[str]:
+    """Names of the presets in ``configs/`` (every yaml file except ``base``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        message = str(getattr(error, "msg", error)).splitlines()[0]
+        raise ConfigError(f"{what}: {message}" + (f" (key: {key})" if key else "")) from None
+
+
+def load_config(
+    overrides: list[str] | None = None, preset: str | None = None, base: dict[str, Any] | None = None
+) -> DictConfig:
+    """Build the config: dataclass defaults, ``base.yaml``, the preset, then ``key=value`` overrides.
+
+    With ``base`` (a saved run's config), that replaces ``base.yaml`` and the preset.
+    """
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    preset_items = [o for o in overrides if o.split("=", 1)[0] == "preset"]
+    if preset_items:
+        preset = preset_items[-1].split("=", 1)[1]
+    cfg = OmegaConf.structured(Config)
+    if base is not None:
+        cfg, preset = _merge(cfg, base, "saved config"), None
+    else:
+        cfg = _merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
+    if preset:
+        path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        cfg = _merge(cfg, OmegaConf.load(path), f"preset {preset}")
+        cfg.preset = preset
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad override: {error}") from None
+    cfg = _merge(cfg, dotlist, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values that types alone cannot: choices, positive sizes, known rules."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
+        raise ConfigError("inner.steps and inner.test_steps must be >= 0")
+    from meta.rules import RULES
+
+    if cfg.inner.rule not in RULES:
+        raise ConfigError(f"inner.rule={cfg.inner.rule!r} is not a registered rule: {sorted(RULES)}")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of the settings that define a run (everything but paths and run control)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("out_dir", "resume", "progress", "device"):
+        data.pop(key, None)
+    data["data"].pop("root", None)
+    data["data"].pop("cache_dir", None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(data)).encode()).hexdigest()[:12]

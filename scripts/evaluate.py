@@ -1,0 +1,52 @@
+"""Evaluate a saved run on its fixed test tasks.
+
+    python scripts/evaluate.py runs/omniglot_5w1s_quick-seed0/best.pt
+    python scripts/evaluate.py runs/x/checkpoint.pt eval.tasks=1000 device=cpu
+
+The config is the one stored in the checkpoint; key=value arguments override it (eval.*, data.root, device...).
+Prints accuracy ± 95% CI and writes <checkpoint dir>/results_<checkpoint name>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from meta.evaluation import evaluate_learner
+from meta.training.builders import (
+    build_inner_rule,
+    build_learner,
+    build_sampler,
+    resolve_device,
+    resolve_dtype,
+    test_inner_steps,
+)
+from meta.training.config import ConfigError, load_config
+from meta.training.run_log import atomic_write_text, load_checkpoint, run_metadata
+
+if len(sys.argv) < 2 or "=" in sys.argv[1]:
+    sys.exit(__doc__)
+path = Path(sys.argv[1])
+state = load_checkpoint(path)
+try:
+    cfg = load_config(sys.argv[2:], base=state["config"])
+except ConfigError as error:
+    sys.exit(f"config error: {error}")
+device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+
+learner = build_learner(cfg, dtype, device)
+learner.load_state_dict(state["learner"])
+start = time.perf_counter()
+test = evaluate_learner(
+    learner, build_sampler(cfg, "test", device), num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
+    batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
+    rule=build_inner_rule(cfg, test=True), dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
+)
+results = {"test": test, "checkpoint": str(path), "step": state["step"], **run_metadata(cfg, device),
+           "test_wall_time_s": time.perf_counter() - start}
+out = path.parent / f"results_{path.stem}.json"
+atomic_write_text(out, json.dumps(results, indent=2))
+print(f"test accuracy: {test['accuracy']:.2f} ± {test['ci95']:.2f}% over {test['tasks']} tasks (step {state['step']})")
+print(f"results: {out}")

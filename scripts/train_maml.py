@@ -1,0 +1,163 @@
+"""Train and evaluate a meta-learner.
+
+    python scripts/train_maml.py                                   # the default: Omniglot 5w1s, short CPU run
+    python scripts/train_maml.py preset=maml_omniglot_5w1s seed=1  # a paper preset
+    python scripts/train_maml.py preset=maml_omniglot_20w1s train.iterations=100 driver=loop out_dir=runs/x
+
+Every key of meta/training/config.py can be overridden as key=value; see the README for the list.
+Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from meta.evaluation import evaluate_learner
+from meta.training.builders import (
+    build_inner_rule,
+    build_learner,
+    build_samplers,
+    resolve_device,
+    resolve_dtype,
+    test_inner_steps,
+)
+from meta.training.config import ConfigError, load_config
+from meta.training.run_log import (
+    MetricsLog,
+    atomic_write_text,
+    device_name,
+    load_checkpoint,
+    plot_curves,
+    run_metadata,
+    save_checkpoint,
+)
+
+DEFAULT_PRESET = "omniglot_5w1s_quick"
+
+# ---- configuration --------------------------------------------------------------------------
+try:
+    cfg = load_config(sys.argv[1:], preset=DEFAULT_PRESET)
+except ConfigError as error:
+    sys.exit(f"config error: {error}")
+out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")
+ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+if ckpt_path.exists() and not cfg.resume:
+    sys.exit(f"{out_dir} already holds a run; pass resume=true to continue it, or choose another out_dir")
+if cfg.resume and not ckpt_path.exists():
+    sys.exit(f"resume=true, but there is no checkpoint at {ckpt_path}")
+out_dir.mkdir(parents=True, exist_ok=True)
+device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+print(f"preset {cfg.preset} | device {device_name(device)} | dtype {cfg.dtype} | driver {cfg.driver}")
+print(f"writing to {out_dir.resolve()}")
+
+# ---- data, model, optimizer -----------------------------------------------------------------
+samplers = build_samplers(cfg, device)
+learner = build_learner(cfg, dtype, device)
+test_rule = build_inner_rule(cfg, test=True)
+test_steps = test_inner_steps(cfg)
+optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks
+metrics = MetricsLog(out_dir / "metrics.jsonl")
+step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
+train_seconds = 0.0
+
+if cfg.resume:
+    state = load_checkpoint(ckpt_path, map_location=device)
+    learner.load_state_dict(state["learner"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
+    metrics.truncate_after(step)
+    print(f"resumed from step {step}")
+else:
+    metrics.path.unlink(missing_ok=True)
+atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def checkpoint() -> None:
+    save_checkpoint(ckpt_path, {
+        "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(), "step": step, "best": best, "window": window,
+        "train_seconds": train_seconds,
+    })
+
+
+def evaluate(split: str, num_tasks: int, seed: int) -> dict:
+    return evaluate_learner(
+        learner, samplers[split], num_tasks=num_tasks, seed=seed, batch_size=cfg.eval.batch_size,
+        inner_steps=test_steps, rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
+    )
+
+
+# ---- training -------------------------------------------------------------------------------
+bar = tqdm(total=cfg.train.iterations, initial=step, disable=not cfg.progress, dynamic_ncols=True)
+tick = time.perf_counter()
+try:
+    while step < cfg.train.iterations:
+        batch = samplers["train"].sample(cfg.train.meta_batch, generator)
+        tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
+        result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
+        optimizer.zero_grad(set_to_none=True)
+        learner.write_grads(result)
+        optimizer.step()
+        step += 1
+        window = {"loss": window["loss"] + result.loss.mean().item(),
+                  "accuracy": window["accuracy"] + result.accuracy.mean().item() * 100, "count": window["count"] + 1}
+        bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
+            now = time.perf_counter()
+            train_seconds += now - tick
+            record = {"step": step, "split": "train", "loss": window["loss"] / window["count"],
+                      "accuracy": window["accuracy"] / window["count"],
+                      "its_per_s": window["count"] / max(now - tick, 1e-9)}
+            metrics.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}%")
+            window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+            tick = time.perf_counter()
+
+        if step % cfg.train.val_every == 0 or step == cfg.train.iterations:
+            val = evaluate("val", cfg.train.val_tasks, seed=cfg.eval.seed + 1)
+            metrics.append({"step": step, "split": "val", **val})
+            if val["accuracy"] > best["accuracy"]:
+                best = {"accuracy": val["accuracy"], "step": step}
+                save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
+                                            "step": step, "val": val})
+            bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
+                      f"(best {best['accuracy']:.2f})")
+            tick = time.perf_counter()
+
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations:
+            checkpoint()
+except KeyboardInterrupt:
+    checkpoint()
+    bar.close()
+    sys.exit(f"\ninterrupted: checkpoint saved at step {step}; continue with the same command plus resume=true")
+bar.close()
+
+# ---- test -----------------------------------------------------------------------------------
+if cfg.eval.checkpoint == "best" and best_path.exists():
+    learner.load_state_dict(load_checkpoint(best_path, map_location=device)["learner"])
+    chosen = f"best validation (step {best['step']})"
+else:
+    chosen = f"last (step {step})"
+start = time.perf_counter()
+test = evaluate("test", cfg.eval.tasks, seed=cfg.eval.seed)
+results = {
+    "test": test, "checkpoint": chosen, "best_val": best, **run_metadata(cfg, device),
+    "train_wall_time_s": train_seconds, "test_wall_time_s": time.perf_counter() - start,
+    "command": " ".join(["python", *sys.argv]),
+}
+atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})")
+ref = cfg.reference
+paper = f" | paper: {ref.accuracy} ± {ref.ci95}% ({ref.source})" if ref.accuracy is not None else ""
+print(f"test accuracy ({chosen}): {test['accuracy']:.2f} ± {test['ci95']:.2f}% over {test['tasks']} tasks{paper}")
+print(f"results: {(out_dir / 'results.json').resolve()}  curves: {(out_dir / 'curves.png').resolve()}")
