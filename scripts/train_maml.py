@@ -11,6 +11,7 @@ Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.p
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -99,44 +100,52 @@ def evaluate(split: str, num_tasks: int, seed: int) -> dict:
 # ---- training -------------------------------------------------------------------------------
 bar = tqdm(total=cfg.train.iterations, initial=step, disable=not cfg.progress, dynamic_ncols=True)
 tick = time.perf_counter()
-try:
-    while step < cfg.train.iterations:
-        batch = samplers["train"].sample(cfg.train.meta_batch, generator)
-        tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
-        result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
-        optimizer.zero_grad(set_to_none=True)
-        learner.write_grads(result)
-        optimizer.step()
-        step += 1
-        window = {"loss": window["loss"] + result.loss.mean().item(),
-                  "accuracy": window["accuracy"] + result.accuracy.mean().item() * 100, "count": window["count"] + 1}
-        bar.update(1)
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
-            now = time.perf_counter()
-            train_seconds += now - tick
-            record = {"step": step, "split": "train", "loss": window["loss"] / window["count"],
-                      "accuracy": window["accuracy"] / window["count"],
-                      "its_per_s": window["count"] / max(now - tick, 1e-9)}
-            metrics.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}%")
-            window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-            tick = time.perf_counter()
 
-        if step % cfg.train.val_every == 0 or step == cfg.train.iterations:
-            val = evaluate("val", cfg.train.val_tasks, seed=cfg.eval.seed + 1)
-            metrics.append({"step": step, "split": "val", **val})
-            if val["accuracy"] > best["accuracy"]:
-                best = {"accuracy": val["accuracy"], "step": step}
-                save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
-                                            "step": step, "val": val})
-            bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
-                      f"(best {best['accuracy']:.2f})")
-            tick = time.perf_counter()
+def request_stop(signum, frame) -> None:  # Ctrl-C: finish this step, save a checkpoint, exit
+    stop_requested.append(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations:
-            checkpoint()
-except KeyboardInterrupt:
+
+stop_requested: list[int] = []
+signal.signal(signal.SIGINT, request_stop)
+while step < cfg.train.iterations and not stop_requested:
+    batch = samplers["train"].sample(cfg.train.meta_batch, generator)
+    tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
+    result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
+    optimizer.zero_grad(set_to_none=True)
+    learner.write_grads(result)
+    optimizer.step()
+    step += 1
+    window = {"loss": window["loss"] + result.loss.mean().item(),
+              "accuracy": window["accuracy"] + result.accuracy.mean().item() * 100, "count": window["count"] + 1}
+    bar.update(1)
+
+    if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
+        now = time.perf_counter()
+        train_seconds += now - tick
+        record = {"step": step, "split": "train", "loss": window["loss"] / window["count"],
+                  "accuracy": window["accuracy"] / window["count"],
+                  "its_per_s": window["count"] / max(now - tick, 1e-9)}
+        metrics.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}%")
+        window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        tick = time.perf_counter()
+
+    if step % cfg.train.val_every == 0 or step == cfg.train.iterations:
+        val = evaluate("val", cfg.train.val_tasks, seed=cfg.eval.seed + 1)
+        metrics.append({"step": step, "split": "val", **val})
+        if val["accuracy"] > best["accuracy"]:
+            best = {"accuracy": val["accuracy"], "step": step}
+            save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
+                                        "step": step, "val": val})
+        bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
+                  f"(best {best['accuracy']:.2f})")
+        tick = time.perf_counter()
+
+    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations:
+        checkpoint()
+if stop_requested:
     checkpoint()
     bar.close()
     sys.exit(f"\ninterrupted: checkpoint saved at step {step}; continue with the same command plus resume=true")

@@ -1,0 +1,181 @@
+"""scripts/train_maml.py and scripts/evaluate.py end to end, config errors, resume, driver equivalence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meta.data import resolve_data_root
+from meta.evaluation import mean_ci95
+from meta.training.config import ConfigError, available_presets, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.dataset=synthetic", "data.synthetic_classes=20", "train.meta_batch=4", "train.log_every=1",
+    "train.val_every=3", "train.val_tasks=10", "train.checkpoint_every=3", "eval.tasks=20", "eval.batch_size=10",
+    "progress=false", "device=cpu",
+]
+
+
+def run_cli(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def train_records(out_dir: Path) -> list[dict]:
+    """Metrics without wall-clock fields."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "its_per_s"} for r in records]
+
+
+def test_cli_smoke_on_synthetic_data(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}")
+    assert "test accuracy" in proc.stdout
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "curves.png", "results.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    test = results["test"]
+    assert test["tasks"] == 20 and 0 <= test["accuracy"] <= 100 and test["ci95"] >= 0
+    for key in ("config_hash", "git_commit", "device", "train_wall_time_s", "reference", "checkpoint"):
+        assert key in results
+    records = train_records(out)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # evaluate.py on the chosen checkpoint reproduces the reported test accuracy exactly
+    chosen = "best.pt" if results["checkpoint"].startswith("best") else "checkpoint.pt"
+    evaluated = run_cli("evaluate.py", str(out / chosen))
+    assert "test accuracy" in evaluated.stdout
+    again = json.loads((out / f"results_{Path(chosen).stem}.json").read_text())["test"]
+    assert again == pytest.approx(test, rel=1e-12)
+
+    # a second run into the same folder is refused instead of overwriting it
+    refused = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}", check=False)
+    assert refused.returncode != 0 and "resume=true" in refused.stderr
+
+
+def test_training_learns_synthetic_tasks(tmp_path):
+    out = tmp_path / "learn"
+    run_cli("train_maml.py", *TINY, "train.iterations=30", "train.val_every=30", "train.checkpoint_every=30",
+            "eval.checkpoint=last", f"out_dir={out}")
+    records = train_records(out)
+    train = [r for r in records if r["split"] == "train"]
+    first, last = np.mean([r["loss"] for r in train[:5]]), np.mean([r["loss"] for r in train[-5:]])
+    assert last < first
+    assert json.loads((out / "results.json").read_text())["test"]["accuracy"] > 60.0  # chance is 20%
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={full}")
+    run_cli("train_maml.py", *TINY, "train.iterations=3", f"out_dir={part}")
+    run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={part}", "resume=true")
+    assert train_records(part) == train_records(full)
+    a = json.loads((full / "results.json").read_text())["test"]
+    b = json.loads((part / "results.json").read_text())["test"]
+    assert a == b
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    args = [*TINY, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
+    run_cli("train_maml.py", *args, f"out_dir={full}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/train_maml.py"), *args, f"out_dir={interrupted}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "checkpoint saved at step" in err
+    stopped = torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"]
+    assert 3 <= stopped < 40
+    run_cli("train_maml.py", *args, f"out_dir={interrupted}", "resume=true")
+    assert train_records(interrupted) == train_records(full)
+
+
+def test_vmap_and_loop_drivers_give_the_same_trajectory(tmp_path):
+    losses = {}
+    for driver in ("vmap", "loop"):
+        out = tmp_path / driver
+        run_cli("train_maml.py", *TINY, "train.iterations=10", "dtype=float64", f"driver={driver}",
+                "train.val_every=10", "train.checkpoint_every=10", f"out_dir={out}")
+        losses[driver] = np.array([r["loss"] for r in train_records(out) if r["split"] == "train"])
+    assert len(losses["vmap"]) == 10
+    np.testing.assert_allclose(losses["vmap"], losses["loop"], rtol=1e-9, atol=0)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="train.itrations"):
+        load_config(["train.itrations=3"])
+    with pytest.raises(ConfigError, match="train.iterations"):
+        load_config(["train.iterations=many"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(["preset=nope"])
+    with pytest.raises(ConfigError, match="driver"):
+        load_config(["driver=threads"])
+    with pytest.raises(ConfigError, match="task.ways must be positive"):
+        load_config(["task.ways=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["seed"])
+    proc = run_cli("train_maml.py", "model.nam=conv4", check=False)
+    assert proc.returncode != 0 and "model.nam" in proc.stderr
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_loads_and_pins_the_protocol(preset):
+    cfg = load_config([f"preset={preset}"])
+    assert cfg.preset == preset
+    assert cfg.task.ways > 1 and cfg.inner.lr > 0 and cfg.eval.tasks >= 600
+
+
+def test_paper_presets_match_maml_appendix():
+    five = load_config(["preset=maml_omniglot_5w1s"])
+    assert (five.inner.steps, five.inner.lr, five.inner.test_steps, five.train.meta_batch) == (1, 0.4, 3, 32)
+    twenty = load_config(["preset=maml_omniglot_20w5s"])
+    assert (twenty.inner.steps, twenty.inner.lr, twenty.train.meta_batch, twenty.task.queries) == (5, 0.1, 16, 5)
+    assert load_config(["preset=fomaml_omniglot_5w1s"]).inner.first_order
+    for cfg in (five, twenty):
+        assert cfg.train.iterations == 60000 and cfg.train.meta_lr == 1e-3 and cfg.eval.tasks == 600
+
+
+def test_mean_ci95_formula():
+    values = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5])
+    mean, ci = mean_ci95(values)
+    assert mean == pytest.approx(np.mean(values.numpy()))
+    assert ci == pytest.approx(1.96 * np.std(values.numpy()) / np.sqrt(5))
+
+
+def _has_omniglot() -> bool:
+    root = resolve_data_root(None) / "omniglot"
+    return (root / "images_background.zip").exists() or (root / "images_background").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_omniglot(), reason="Omniglot is not under the data root (set META_DATA_ROOT)")
+def test_cli_smoke_on_real_omniglot(tmp_path):
+    out = tmp_path / "omniglot"
+    proc = run_cli("train_maml.py", "train.iterations=4", "train.val_every=2", "train.val_tasks=10",
+                   "train.checkpoint_every=2", "eval.tasks=20", "progress=false", "device=cpu", f"out_dir={out}")
+    assert "preset omniglot_5w1s_quick" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["tasks"] == 20 and results["reference"]["accuracy"] == 98.7
