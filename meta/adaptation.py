@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,41 @@ from meta.rules.base import InnerRule
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def adapt_steps(
+    forward: Forward,
+    rule: InnerRule,
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    loss_fn: LossFn = F.cross_entropy,
+) -> Iterator[Params]:
+    """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
+
+    With ``rule.per_sample`` the rule gets per-sample gradients ``[n, *shape]``
+    (``vmap(grad)`` over the samples, which nests inside a vmap over tasks).
+    """
+    fast = {k: v for k, v in params.items() if rule.adapts(k)}
+    frozen = {k: v for k, v in params.items() if k not in fast}
+
+    def support_loss(fast: Params, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(forward(rule.at_step({**frozen, **fast}, rule_params, i), buffers, x), y)
+
+    def sample_loss(fast: Params, i: int, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return support_loss(fast, i, xi.unsqueeze(0), yi.unsqueeze(0))
+
+    state = rule.init(fast)
+    for i in range(steps):
+        if rule.per_sample:
+            grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi)), in_dims=(None, 0, 0))(fast, x, y)
+        else:
+            grads = grad(support_loss)(fast, i, x, y)
+        fast, state = rule.step(fast, grads, state, rule_params, i)
+        yield {k: fast.get(k, v) for k, v in params.items()}
 
 
 def adapt(
@@ -27,17 +62,10 @@ def adapt(
     loss_fn: LossFn = F.cross_entropy,
 ) -> Params:
     """Run ``steps`` inner updates of ``rule`` on ``(x, y)``; return all parameters after adaptation."""
-    fast = {k: v for k, v in params.items() if rule.adapts(k)}
-    frozen = {k: v for k, v in params.items() if k not in fast}
-
-    def support_loss(fast: Params) -> torch.Tensor:
-        return loss_fn(forward({**frozen, **fast}, buffers, x), y)
-
-    state = rule.init(fast)
-    for i in range(steps):
-        grads = grad(support_loss)(fast)
-        fast, state = rule.step(fast, grads, state, rule_params, i)
-    return {k: fast.get(k, v) for k, v in params.items()}
+    adapted = params
+    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn):
+        adapted = after_step
+    return adapted
 
 
 def task_loss(
@@ -53,14 +81,32 @@ def task_loss(
     rule: InnerRule,
     steps: int,
     loss_fn: LossFn = F.cross_entropy,
+    step_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Params]]:
     """Query loss of one task after adapting on its support set.
+
+    With ``step_weights`` (shape ``[steps]``, the multi-step loss of MAML++) the
+    loss is ``sum_i step_weights[i] * query_loss(after step i)``; accuracy is
+    always that after the last step. The query forward after step ``i`` sees
+    ``rule.at_step(params, rule_params, i)`` (step ``0`` when ``steps == 0``).
 
     Returns ``(loss, (accuracy, adapted_params))`` so it can be wrapped by
     ``torch.func.grad(..., has_aux=True)``.
     """
-    adapted = adapt(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn)
-    logits = forward(adapted, buffers, query_x)
-    loss = loss_fn(logits, query_y)
+    if step_weights is not None and step_weights.shape != (steps,):
+        raise ValueError(f"step_weights must have shape ({steps},), got {tuple(step_weights.shape)}")
+
+    def query(adapted: Params, i: int) -> torch.Tensor:
+        return forward(rule.at_step(adapted, rule_params, i), buffers, query_x)
+
+    adapted, loss = params, 0.0
+    for i, adapted in enumerate(
+        adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn)
+    ):
+        if step_weights is not None and i < steps - 1:
+            loss = loss + step_weights[i] * loss_fn(query(adapted, i), query_y)
+    logits = query(adapted, max(steps - 1, 0))
+    final = loss_fn(logits, query_y)
+    loss = final if step_weights is None else loss + step_weights[-1] * final
     accuracy = (logits.argmax(dim=-1) == query_y).to(logits.dtype).mean()
     return loss, (accuracy, adapted)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from meta.adaptation import LossFn, task_loss
-from meta.drivers import DRIVERS, TaskBatchResult, vmap_forward
+from meta.drivers import DRIVERS, VECTORIZED_DRIVERS, AutoDriver, TaskBatchResult, vmap_forward
 from meta.models.functional import buffers_of, functional_forward, parameters_of
 from meta.models.norms import find_fused_norms
+from meta.per_sample import _check_no_batch_statistics
 from meta.rules.base import InnerRule
 
 Params = dict[str, torch.Tensor]
@@ -54,11 +55,17 @@ class MetaLearner(nn.Module):
         self.rule = rule
         self.inner_steps = inner_steps
         self.loss_fn = loss_fn
+        #: MAML++'s multi-step loss: query-loss weight after each inner step (None: the last step only).
+        self.step_weights: torch.Tensor | None = None
+        if rule.per_sample:
+            _check_no_batch_statistics(model)
         initial = {k: v.detach() for k, v in parameters_of(model).items()}
         self.rule_params = nn.ParameterDict(
             {_to_key(k): nn.Parameter(v.clone()) for k, v in rule.init_rule_params(initial).items()}
         )
         self._fused_norms = find_fused_norms(model)
+        #: the ``auto`` driver, with its cached per-setting choices
+        self.auto_driver = AutoDriver()
 
     def functional_state(self) -> tuple[Params, Params, Params]:
         """``(params, rule_params, buffers)`` as name -> tensor dicts."""
@@ -69,7 +76,9 @@ class MetaLearner(nn.Module):
         # torch.func differentiates on its own; no outer autograd graph is needed.
         return tuple({k: v.detach() for k, v in tree.items()} for tree in self.functional_state())
 
-    def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None) -> Callable:
+    def task_fn(
+        self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights: torch.Tensor | None = None
+    ) -> Callable:
         """The per-task function with the model, rule and step count bound (defaults: this learner's)."""
         return functools.partial(
             task_loss,
@@ -77,12 +86,17 @@ class MetaLearner(nn.Module):
             rule=self.rule if rule is None else rule,
             steps=self.inner_steps if inner_steps is None else inner_steps,
             loss_fn=self.loss_fn,
+            step_weights=step_weights,
         )
 
+    def set_iteration(self, step: int, total: int) -> None:
+        """Hook called by the training script before each meta-iteration (``step`` of ``total``, from 0),
+        for per-iteration schedules such as MAML++'s. Stateless: a resumed run calls it again. No-op here."""
+
     def _check_driver(self, driver: str, second_order: bool) -> None:
-        if driver not in DRIVERS:
-            raise ValueError(f"unknown driver {driver!r}; choose one of {sorted(DRIVERS)}")
-        if driver == "vmap" and second_order and self._fused_norms:
+        if driver not in (*DRIVERS, "auto"):
+            raise ValueError(f"unknown driver {driver!r}; choose one of {sorted((*DRIVERS, 'auto'))}")
+        if driver in VECTORIZED_DRIVERS and second_order and self._fused_norms:
             layers = ", ".join(f"{path} ({kind})" for path, kind in self._fused_norms)
             raise FusedNormError(
                 f"fused norm layers give wrong second-order meta-gradients under vmap on this torch "
@@ -97,7 +111,9 @@ class MetaLearner(nn.Module):
         """
         self._check_driver(driver, second_order=not self.rule.first_order and self.inner_steps > 0)
         params, rule_params, buffers = self._detached_state()
-        return DRIVERS[driver](self.task_fn(), params, rule_params, buffers, tuple(tasks), chunk_size)
+        task_fn = self.task_fn(step_weights=self.step_weights)
+        run = self.auto_driver if driver == "auto" else DRIVERS[driver]
+        return run(task_fn, params, rule_params, buffers, tuple(tasks), chunk_size)
 
     def write_grads(self, result: TaskBatchResult) -> None:
         """Store a result's meta-gradients in ``.grad`` of the model and rule parameters."""

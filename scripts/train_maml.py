@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
+    apply_schedules,
     build_inner_rule,
     build_learner,
+    build_optimizer,
     build_samplers,
     resolve_device,
     resolve_dtype,
@@ -63,7 +65,7 @@ samplers = build_samplers(cfg, device)
 learner = build_learner(cfg, dtype, device)
 test_rule = build_inner_rule(cfg, test=True)
 test_steps = test_inner_steps(cfg)
-optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+optimizer = build_optimizer(cfg, learner)
 generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks
 metrics = MetricsLog(out_dir / "metrics.jsonl")
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
@@ -75,6 +77,7 @@ if cfg.resume:
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
+    learner.auto_driver.choices.update(state["auto_choices"])  # the same strategy as before the interruption
     metrics.truncate_after(step)
     print(f"resumed from step {step}")
 else:
@@ -86,7 +89,7 @@ def checkpoint() -> None:
     save_checkpoint(ckpt_path, {
         "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(), "step": step, "best": best, "window": window,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices,
     })
 
 
@@ -110,9 +113,12 @@ def request_stop(signum, frame) -> None:  # Ctrl-C: finish this step, save a che
 stop_requested: list[int] = []
 signal.signal(signal.SIGINT, request_stop)
 while step < cfg.train.iterations and not stop_requested:
+    apply_schedules(cfg, learner, optimizer, step)  # meta-lr schedule and learner.set_iteration
     batch = samplers["train"].sample(cfg.train.meta_batch, generator)
     tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
     result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
+    if cfg.driver == "auto" and step == 0 and learner.auto_driver.choices:
+        bar.write(f"driver auto chose: {', '.join(learner.auto_driver.choices.values())}")
     optimizer.zero_grad(set_to_none=True)
     learner.write_grads(result)
     optimizer.step()

@@ -12,6 +12,15 @@ A rule is a small bundle of pure functions, in the spirit of optax:
 
 ``params`` and ``grads`` hold only the parameters the rule adapts
 (``rule.adapts(name)``); the rest stay at their meta-learned values.
+
+Two optional hooks cover rules that need more than the mean gradient:
+
+* ``per_sample=True``: ``step`` receives per-sample gradients, each shaped
+  ``[n_support, *param.shape]`` (``vmap(grad)`` over the support samples, nested
+  inside the vmap over tasks), instead of the gradient of the mean loss.
+* ``at_step(params, rule_params, step_index) -> params``: the parameters the
+  *forward pass* sees at inner step ``step_index`` (all of them, adapted or not),
+  e.g. MAML++'s per-step batch-norm weights. Default: unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ def _adapt_all(name: str) -> bool:
     return True
 
 
+def _same_params(params: Params, rule_params: Params, step_index: int) -> Params:
+    return params
+
+
 @dataclass(frozen=True)
 class InnerRule:
     """An inner-loop update rule (see the module docstring)."""
@@ -49,6 +62,8 @@ class InnerRule:
     init_rule_params: Callable[[Params], Params] = _no_rule_params
     adapts: Callable[[str], bool] = _adapt_all
     first_order: bool = False
+    per_sample: bool = False
+    at_step: Callable[[Params, Params, int], Params] = _same_params
 
 
 def first_order(rule: InnerRule) -> InnerRule:

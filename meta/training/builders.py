@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig
+import math
 
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from meta.algorithms import IMAML, MAMLPlusPlus, ProtoNet, Reptile
 from meta.data import ClassPool, TaskSampler, load_mnist, load_omniglot, synthetic_pool
 from meta.learner import MetaLearner
 from meta.models import build_model
-from meta.rules import InnerRule, build_rule
+from meta.rules import InnerRule, build_rule, first_order
 
 SPLITS = ("train", "val", "test")
 
@@ -79,8 +82,49 @@ def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> 
         image_size=cfg.data.image_size,
         generator=generator,
     )
-    rule = build_inner_rule(cfg)
-    return MetaLearner(model, rule, inner_steps=cfg.inner.steps).to(device=device, dtype=dtype)
+    rule, steps = build_inner_rule(cfg), cfg.inner.steps
+    if cfg.algorithm == "maml":
+        learner = MetaLearner(model, rule, inner_steps=steps)
+    elif cfg.algorithm == "mamlpp":
+        learner = MAMLPlusPlus(model, rule, steps, msl_iterations=cfg.mamlpp.msl_iterations,
+                               first_order_iterations=cfg.mamlpp.first_order_iterations)
+    elif cfg.algorithm == "reptile":
+        learner = Reptile(model, rule, steps)
+    elif cfg.algorithm == "imaml":
+        learner = IMAML(model, rule, steps, lam=cfg.imaml.lam, cg_steps=cfg.imaml.cg_steps,
+                        test_lam=cfg.imaml.test_lam)
+    elif cfg.algorithm == "protonets":
+        learner = ProtoNet(model, ways=cfg.task.ways)
+    else:
+        raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
+    learner = learner.to(device=device, dtype=dtype)
+    learner.set_iteration(0, cfg.train.iterations)  # schedules follow the new dtype and device
+    return learner
+
+
+def build_optimizer(cfg: DictConfig, learner: MetaLearner) -> torch.optim.Optimizer:
+    """The outer optimizer over ``learner.parameters()``: Adam (default) or plain SGD (Reptile)."""
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(learner.parameters(), lr=cfg.train.meta_lr)
+    return torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+
+
+def meta_lr_at(cfg: DictConfig, step: int) -> float:
+    """The outer learning rate at iteration ``step`` under ``train.lr_schedule``."""
+    start, end, t = cfg.train.meta_lr, cfg.train.min_meta_lr, step / cfg.train.iterations
+    if cfg.train.lr_schedule == "cosine":
+        return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+    if cfg.train.lr_schedule == "linear":
+        return start + (end - start) * t
+    return start
+
+
+def apply_schedules(cfg: DictConfig, learner: MetaLearner, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Before iteration ``step``: set the meta learning rate and the learner's per-iteration schedules.
+    Stateless (a function of ``step`` only), so resumed runs follow the same schedule."""
+    for group in optimizer.param_groups:
+        group["lr"] = meta_lr_at(cfg, step)
+    learner.set_iteration(step, cfg.train.iterations)
 
 
 def build_inner_rule(cfg: DictConfig, test: bool = False) -> InnerRule:
@@ -90,10 +134,11 @@ def build_inner_rule(cfg: DictConfig, test: bool = False) -> InnerRule:
         if cfg.inner.learnable_lr:
             raise ValueError("inner.test_lr cannot override a learnable learning rate; leave it null")
         lr = cfg.inner.test_lr
-    kwargs = {"lr": lr, "first_order": cfg.inner.first_order}
+    kwargs = {"lr": lr, **OmegaConf.to_container(cfg.inner.options, resolve=True)}
     if cfg.inner.rule == "sgd":
         kwargs["learnable"] = cfg.inner.learnable_lr
-    return build_rule(cfg.inner.rule, **kwargs)
+    rule = build_rule(cfg.inner.rule, **kwargs)
+    return first_order(rule) if cfg.inner.first_order and not rule.first_order else rule
 
 
 def test_inner_steps(cfg: DictConfig) -> int:

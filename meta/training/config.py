@@ -61,6 +61,9 @@ class InnerConfig:
     learnable_lr: bool = False
     test_lr: float | None = None  # null: same as lr
     test_steps: int | None = None  # null: same as steps
+    # extra keyword arguments of the rule factory (see its docstring), e.g. {clip: 1.0} for clipped_sgd,
+    # {lslr: true, per_step_bn: true, steps: 5} for mamlpp, {beta1: 0.0} for adam
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,11 +71,31 @@ class TrainConfig:
     iterations: int = 60000
     meta_batch: int = 32
     meta_lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd (Reptile: SGD on initial - mean(adapted) is theta += lr * (phi - theta))
+    lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), from meta_lr to min_meta_lr
+    min_meta_lr: float = 0.0  # end value of the cosine and linear schedules
     chunk_size: int | None = None  # vmap chunk size (bounds memory); null: all tasks at once
     log_every: int = 10
     val_every: int = 500
     val_tasks: int = 200
     checkpoint_every: int = 1000
+
+
+@dataclass
+class MAMLPlusPlusConfig:
+    """algorithm=mamlpp only (LSLR and per-step BN are inner.options of the mamlpp rule)."""
+
+    msl_iterations: int = 0  # multi-step loss, annealed over this many iterations, then last step only; 0: off
+    first_order_iterations: int = 0  # derivative-order annealing: first order for this many iterations; 0: off
+
+
+@dataclass
+class IMAMLConfig:
+    """algorithm=imaml only."""
+
+    lam: float = 2.0  # proximal regularization lambda (Rajeswaran et al. 2019: 2.0)
+    cg_steps: int = 5  # conjugate-gradient steps for the implicit meta-gradient (Rajeswaran et al. 2019: 5)
+    test_lam: float | None = None  # lambda of the test-time adaptation; null: same as lam
 
 
 @dataclass
@@ -93,10 +116,15 @@ class ReferenceConfig:
 @dataclass
 class Config:
     preset: str | None = None
+    # the learner: maml (MetaLearner with inner.rule: sgd, metasgd, anil, metacurvature, clipped_sgd, ...)
+    # | mamlpp | reptile | imaml | protonets (meta/training/builders.py)
+    algorithm: str = "maml"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64
-    driver: str = "vmap"  # vmap | loop
+    # auto: the fastest exact driver for the setting, timed on the first batch (recorded in checkpoints);
+    # vmap | loop | vmap_autograd | loop_autograd pin one (all agree to rounding; tests check 1e-10 in float64)
+    driver: str = "auto"
     out_dir: str | None = None  # null: runs/<preset>-seed<seed>
     resume: bool = False
     progress: bool = True
@@ -106,13 +134,18 @@ class Config:
     inner: InnerConfig = field(default_factory=InnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mamlpp: MAMLPlusPlusConfig = field(default_factory=MAMLPlusPlusConfig)
+    imaml: IMAMLConfig = field(default_factory=IMAMLConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
+    "algorithm": ("maml", "mamlpp", "reptile", "imaml", "protonets"),
+    "train.optimizer": ("adam", "sgd"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "float64"),
-    "driver": ("vmap", "loop"),
+    "driver": ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd"),
     "data.dataset": ("omniglot", "mnist", "synthetic"),
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
@@ -187,6 +220,12 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.inner.rule not in RULES:
         raise ConfigError(f"inner.rule={cfg.inner.rule!r} is not a registered rule: {sorted(RULES)}")
+    import inspect
+
+    accepted = set(inspect.signature(RULES[cfg.inner.rule]).parameters)
+    unknown = sorted(set(cfg.inner.options) - accepted)
+    if unknown:
+        raise ConfigError(f"inner.options {unknown} are not arguments of rule {cfg.inner.rule!r}: {sorted(accepted)}")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -1,0 +1,58 @@
+"""Prototypical Networks (Snell et al. 2017): the non-gradient baseline on the same model core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from meta.adaptation import LossFn
+from meta.learner import MetaLearner
+from meta.rules.base import InnerRule
+from meta.rules.sgd import sgd
+
+Params = dict[str, torch.Tensor]
+
+
+def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
+    """``-|q - c_n|^2`` for each query embedding and class prototype ``c_n`` (mean support embedding)."""
+    classes = torch.arange(ways, device=support_y.device)
+    onehot = (support_y[:, None] == classes).to(support.dtype)  # [n_support, ways]
+    prototypes = (onehot.T @ support) / onehot.sum(dim=0)[:, None]  # [ways, dim]
+    return -((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(dim=-1)
+
+
+class _Embedder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x)
+
+
+class ProtoNet(MetaLearner):
+    """Nearest-prototype classification of ``model.embed`` features (the head is unused: zero gradient).
+
+    Support and query pass through the network together, as in the official code, so batch statistics
+    are those of the whole episode. Same interface as :class:`MetaLearner`; inner steps and rules are ignored.
+    """
+
+    def __init__(self, model: nn.Module, ways: int, loss_fn: LossFn = F.cross_entropy) -> None:
+        super().__init__(model, sgd(), inner_steps=0, loss_fn=loss_fn)
+        self.ways = ways
+
+    def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights=None) -> Callable:
+        """Per-task ``(query loss, (accuracy, {}))`` of the prototype classifier."""
+        embedder, loss_fn, ways = _Embedder(self.model), self.loss_fn, self.ways
+
+        def fn(params, rule_params, buffers, sx, sy, qx, qy):
+            prefixed = ({f"model.{k}": v for k, v in params.items()}, {f"model.{k}": v for k, v in buffers.items()})
+            embedded = functional_call(embedder, prefixed, (torch.cat([sx, qx]),))
+            logits = prototype_logits(embedded[: len(sx)], sy, embedded[len(sx):], ways)
+            return loss_fn(logits, qy), ((logits.argmax(-1) == qy).to(logits.dtype).mean(), {})
+
+        return fn

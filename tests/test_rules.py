@@ -1,0 +1,215 @@
+"""Every registered inner rule under both drivers, and an independent check per rule where one exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+import meta
+from meta import rules
+from meta.models import global_norm, relative_error
+from meta.rules import RULES, masked, norm_parameter_names
+from meta.rules.metacurvature import precondition
+from tests.helpers import random_tasks
+
+TOL = 1e-10
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_model(norm: str = "group", kind: str = "mlp", size: int = 8, seed: int = 0) -> torch.nn.Module:
+    """A float64 model drawn from an explicit generator (MLP on size x size images, or a strided Conv4)."""
+    g = torch.Generator().manual_seed(seed)
+    return meta.build_model(kind, ways=5, norm=norm, image_size=size, generator=g).double()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return random_tasks(tasks=3, ways=5, shots=2, queries=2, size=8)
+
+
+def perturb_rule_params(learner: meta.MetaLearner, seed: int = 1) -> None:
+    """Move the rule's learnable tensors off their (often symmetric) initial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in learner.rule_params.values():
+            p.add_(0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def assert_same(a: meta.TaskBatchResult, b: meta.TaskBatchResult, rule_grads: bool = True) -> None:
+    assert relative_error({"loss": a.loss}, {"loss": b.loss}) < TOL
+    assert torch.equal(a.accuracy, b.accuracy)
+    assert relative_error(a.grads, b.grads) < TOL
+    if rule_grads:
+        assert a.rule_grads.keys() == b.rule_grads.keys()
+        if a.rule_grads:
+            assert relative_error(a.rule_grads, b.rule_grads) < TOL
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_registered_rule_agrees_under_vmap_and_loop(name, tasks):
+    """Registering a rule is enough to get this test: loss, meta-gradient and rule-parameter gradient."""
+    rule = RULES[name]()
+    learner = meta.MetaLearner(small_model(), rule, inner_steps=2)
+    perturb_rule_params(learner)
+    loop = learner.meta_gradient(tasks, driver="loop")
+    vm = learner.meta_gradient(tasks, driver="vmap")
+    assert_same(vm, loop)
+    assert relative_error(vm.adapted, loop.adapted) < TOL
+    assert set(vm.rule_grads) == {k.replace("__", ".") for k in learner.rule_params}
+    assert float(global_norm(vm.grads)) > 1e-8
+    if vm.rule_grads:  # the rule's own parameters really are trained
+        assert float(global_norm(vm.rule_grads)) > 1e-8
+
+
+def test_registry_factories_take_no_arguments_and_names_are_unique():
+    for name, factory in RULES.items():
+        assert isinstance(factory(), meta.InnerRule), name
+    with pytest.raises(ValueError, match="already registered"):
+        meta.register_rule("sgd")(meta.sgd)
+
+
+def test_docs_example_is_the_registered_momentum_rule():
+    doc = (REPO / "docs" / "rules.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    source = (REPO / "meta" / "rules" / "momentum.py").read_text()
+    assert source in blocks
+    assert 20 <= len(source.strip().splitlines()) <= 30
+
+
+def test_metasgd_with_equal_rates_is_maml(tasks):
+    model = small_model(norm="task_bn")
+    for steps in (1, 2):
+        ours = meta.MetaLearner(model, rules.metasgd(lr=0.3), inner_steps=steps).meta_gradient(tasks)
+        maml = meta.MetaLearner(model, meta.sgd(lr=0.3, learnable=True), inner_steps=steps).meta_gradient(tasks)
+        assert_same(ours, maml, rule_grads=False)
+        # d loss / d (one shared alpha) is the sum of d loss / d alpha over every entry
+        total = sum(g.sum() for g in ours.rule_grads.values())
+        assert abs(float(total - maml.rule_grads["lr"])) < TOL * abs(float(maml.rule_grads["lr"]))
+
+
+def test_anil_leaves_the_body_untouched(tasks):
+    model = small_model(norm="task_bn")
+    result = meta.MetaLearner(model, rules.anil(lr=0.4), inner_steps=2).meta_gradient(tasks, driver="vmap")
+    for name, p in model.named_parameters():
+        moved = (result.adapted[name] - p.detach()).abs().amax()
+        if name.startswith("head."):
+            assert moved > 1e-6, name
+        else:
+            assert moved == 0, name
+    # and the body still gets a meta-gradient through the head's adaptation
+    assert result.grads["features.1.weight"].abs().max() > 1e-8
+
+
+def test_masked_rule_matches_hand_written_head_only_maml(tasks):
+    model = small_model(norm="task_bn")
+    result = meta.MetaLearner(model, rules.anil(lr=0.4), inner_steps=1).meta_gradient(tasks, driver="loop")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def mean_loss(params):
+        losses = []
+        for sx, sy, qx, qy in zip(*tasks):
+            support = F.cross_entropy(functional_call(model, params, (sx,)), sy)
+            head = {k: v for k, v in params.items() if k.startswith("head.")}
+            g = torch.autograd.grad(support, list(head.values()), create_graph=True)
+            fast = {**params, **{k: v - 0.4 * gk for (k, v), gk in zip(head.items(), g)}}
+            losses.append(F.cross_entropy(functional_call(model, fast, (qx,)), qy))
+        return torch.stack(losses).mean()
+
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    expected = dict(zip(leaves, torch.autograd.grad(mean_loss(leaves), list(leaves.values()))))
+    assert relative_error(result.grads, expected) < TOL
+
+
+def test_mamlpp_rule_with_switches_off_or_neutral_is_maml(tasks):
+    model = small_model(norm="task_bn")
+    maml = meta.MetaLearner(model, meta.sgd(lr=0.3, learnable=True), inner_steps=3).meta_gradient(tasks)
+    off = meta.MetaLearner(model, rules.mamlpp(lr=0.3, steps=3, lslr=False, per_step_bn=False), inner_steps=3)
+    assert_same(off.meta_gradient(tasks), maml, rule_grads=False)
+    # LSLR with every rate equal: same loss and gradient; the rates' gradients sum to the shared rate's
+    lslr = meta.MetaLearner(model, rules.mamlpp(lr=0.3, steps=3, per_step_bn=False), inner_steps=3).meta_gradient(tasks)
+    assert_same(lslr, maml, rule_grads=False)
+    total = sum(g.sum() for g in lslr.rule_grads.values())
+    assert abs(float(total - maml.rule_grads["lr"])) < 1e-9 * abs(float(maml.rule_grads["lr"]))
+
+
+def test_mamlpp_per_step_bn_is_maml_with_frozen_norms_at_initialization(tasks):
+    model = small_model(norm="task_bn")
+    norms = norm_parameter_names(dict(model.named_parameters()))
+    assert norms == {f"features.{i}.{w}" for i in (2, 5, 8, 11) for w in ("weight", "bias")}
+    frozen = masked(meta.sgd(lr=0.3), lambda name: name not in norms)
+    expected = meta.MetaLearner(model, frozen, inner_steps=3).meta_gradient(tasks)
+    ours = meta.MetaLearner(model, rules.mamlpp(lr=0.3, steps=3, lslr=False), inner_steps=3).meta_gradient(tasks)
+    assert relative_error({"l": ours.loss}, {"l": expected.loss}) < TOL
+    rest = [k for k in expected.grads if k not in norms]
+    assert relative_error({k: ours.grads[k] for k in rest}, {k: expected.grads[k] for k in rest}) < TOL
+    # the model's own norm parameters are replaced; the per-step copies take their gradient, summed over steps
+    assert all(float(ours.grads[k].abs().max()) == 0 for k in norms)
+    per_step = {k: ours.rule_grads[f"bn.{k}"].sum(dim=0) for k in norms}
+    assert relative_error(per_step, {k: expected.grads[k] for k in norms}) < TOL
+
+
+def test_metacurvature_with_identity_is_maml():
+    conv_tasks = random_tasks(tasks=2, ways=5, shots=1, queries=2, size=14)
+    model = small_model(norm="task_bn", kind="conv4", size=14)
+    learner = meta.MetaLearner(model, rules.metacurvature(lr=0.4), inner_steps=2)
+    assert learner.rule_params["features__0__conv__weight__filter"].shape == (9, 9)
+    ours = learner.meta_gradient(conv_tasks)
+    maml = meta.MetaLearner(model, meta.sgd(lr=0.4), inner_steps=2).meta_gradient(conv_tasks)
+    assert_same(ours, maml, rule_grads=False)
+
+
+def test_metacurvature_preconditioner_is_the_kronecker_product():
+    g = torch.Generator().manual_seed(0)
+    grad4 = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    m = {"out": torch.randn(4, 4, generator=g, dtype=torch.float64),
+         "in": torch.randn(3, 3, generator=g, dtype=torch.float64),
+         "filter": torch.randn(4, 4, generator=g, dtype=torch.float64)}
+    kron = torch.kron(torch.kron(m["out"], m["in"]), m["filter"])  # row-major vec of [out, in, kh*kw]
+    expected = (kron @ grad4.flatten()).reshape(grad4.shape)
+    assert torch.allclose(precondition(grad4, m), expected, rtol=1e-12, atol=1e-12)
+    grad2 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    expected2 = (torch.kron(m["out"], m["in"]) @ grad2.flatten()).reshape(4, 3)
+    assert torch.allclose(precondition(grad2, m), expected2, rtol=1e-12, atol=1e-12)
+
+
+def test_clipped_sgd_with_huge_bound_is_sgd(tasks):
+    model = small_model(norm="group")
+    ours = meta.MetaLearner(model, rules.clipped_sgd(lr=0.3, clip=1e12), inner_steps=2).meta_gradient(tasks)
+    sgd = meta.MetaLearner(model, meta.sgd(lr=0.3), inner_steps=2).meta_gradient(tasks)
+    assert_same(ours, sgd)
+    assert relative_error(ours.adapted, sgd.adapted) < TOL
+
+
+def test_clipped_sgd_step_matches_per_sample_autograd(tasks):
+    model, clip, lr = small_model(norm="group"), 0.05, 0.3
+    result = meta.MetaLearner(model, rules.clipped_sgd(lr=lr, clip=clip), inner_steps=1).meta_gradient(tasks)
+    sx, sy = tasks[0][0], tasks[1][0]
+    rows = meta.per_sample_grads_loop(model, sx, sy)  # plain autograd, one sample at a time
+    norms = torch.sqrt(sum(r.flatten(1).pow(2).sum(1) for r in rows.values()))
+    assert (norms > clip).all()  # the bound is active for every sample
+    for name, p in model.named_parameters():
+        clipped = (rows[name] * (clip / norms).view(-1, *[1] * p.dim())).mean(0)
+        assert torch.allclose(result.adapted[name][0], p.detach() - lr * clipped, rtol=1e-10, atol=1e-13)
+
+
+def test_clipped_sgd_refuses_batch_statistics():
+    with pytest.raises(ValueError, match="per-sample gradients"):
+        meta.MetaLearner(small_model(norm="task_bn"), rules.clipped_sgd(), inner_steps=1)
+
+
+def test_momentum_and_adam_first_steps(tasks):
+    model = small_model()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sx, sy = tasks[0][0], tasks[1][0]
+    g = grad(lambda p: F.cross_entropy(functional_call(model, p, (sx,)), sy))(params)
+    adapted = meta.MetaLearner(model, rules.adam(lr=1e-3, beta1=0.0), inner_steps=1).meta_gradient(tasks).adapted
+    # Adam's first step with bias correction is lr * g / (|g| + eps)
+    expected = {k: p - 1e-3 * g[k] / (g[k].abs() + 1e-8) for k, p in params.items()}
+    assert relative_error({k: v[0] for k, v in adapted.items()}, expected) < TOL
+    adapted = meta.MetaLearner(model, rules.momentum(lr=0.2), inner_steps=1).meta_gradient(tasks).adapted
+    assert relative_error({k: v[0] for k, v in adapted.items()}, {k: p - 0.2 * g[k] for k, p in params.items()}) < TOL
