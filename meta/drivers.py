@@ -8,11 +8,14 @@ mean query loss over tasks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch.func import grad_and_value
+
+from meta.models.networks import conv_impl
 
 Params = dict[str, torch.Tensor]
 TaskFn = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, Params]]]
@@ -26,6 +29,10 @@ class TaskBatchResult(NamedTuple):
     grads: Params  # d mean(loss) / d params
     rule_grads: Params  # d mean(loss) / d rule_params
     adapted: Params  # [tasks, ...] per-task adapted parameters
+
+
+#: vmap over the task dimension of the four task tensors; parameters, rule parameters and buffers are shared.
+TASK_IN_DIMS = (None, None, None, 0, 0, 0, 0)
 
 
 def _stack(trees: list[Params]) -> Params:
@@ -50,7 +57,7 @@ def vmap_driver(
     """
     per_task = torch.vmap(
         grad_and_value(task_fn, argnums=(0, 1), has_aux=True),
-        in_dims=(None, None, None, 0, 0, 0, 0),
+        in_dims=TASK_IN_DIMS,
         chunk_size=chunk_size,
     )
     (g_params, g_rule), (loss, (accuracy, adapted)) = per_task(params, rule_params, buffers, *tasks)
@@ -76,6 +83,66 @@ def loop_driver(
     return TaskBatchResult(loss, accuracy, _mean_over_tasks(g_params), _mean_over_tasks(g_rule), adapted)
 
 
+def _leaves(tree: Params) -> Params:
+    return {k: v.detach().requires_grad_(True) for k, v in tree.items()}
+
+
+def _autograd(loss: torch.Tensor, trees: tuple[Params, Params]) -> tuple[Params, Params]:
+    """``d loss / d trees`` with plain autograd; parameters the loss does not touch get zeros."""
+    flat = [v for tree in trees for v in tree.values()]
+    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(flat, grads)]
+    out, start = [], 0
+    for tree in trees:
+        out.append(dict(zip(tree, grads[start : start + len(tree)])))
+        start += len(tree)
+    return out[0], out[1]
+
+
+def vmap_autograd_driver(
+    task_fn: TaskFn,
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    tasks: tuple[torch.Tensor, ...],
+    chunk_size: int | None = None,
+) -> TaskBatchResult:
+    """The functorch-example shape: ``vmap`` of the per-task function (inner ``torch.func.grad``), then one
+    plain-autograd backward of the mean loss. Often the fastest; ``chunk_size`` does not bound memory here,
+    because the graph of every chunk is kept for the backward."""
+    leaves, rule_leaves = _leaves(params), _leaves(rule_params)
+    with torch.enable_grad():
+        per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
+        loss, (accuracy, adapted) = per_task(leaves, rule_leaves, buffers, *tasks)
+        g_params, g_rule = _autograd(loss.mean(), (leaves, rule_leaves))
+    detach = lambda tree: {k: v.detach() for k, v in tree.items()}  # noqa: E731
+    return TaskBatchResult(loss.detach(), accuracy.detach(), g_params, g_rule, detach(adapted))
+
+
+def loop_autograd_driver(
+    task_fn: TaskFn,
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    tasks: tuple[torch.Tensor, ...],
+    chunk_size: int | None = None,
+) -> TaskBatchResult:
+    """learn2learn's shape: a Python loop over tasks, one plain-autograd backward per task (memory of one task)."""
+    leaves, rule_leaves = _leaves(params), _leaves(rule_params)
+    num_tasks = len(tasks[0])
+    losses, accuracies, adapted, g_params, g_rule = [], [], [], None, None
+    for i in range(num_tasks):
+        with torch.enable_grad():
+            loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, *(t[i] for t in tasks))
+            gp, gr = _autograd(loss / num_tasks, (leaves, rule_leaves))
+        g_params = gp if g_params is None else {k: g_params[k] + gp[k] for k in gp}
+        g_rule = gr if g_rule is None else {k: g_rule[k] + gr[k] for k in gr}
+        losses.append(loss.detach())
+        accuracies.append(accuracy.detach())
+        adapted.append({k: v.detach() for k, v in fast.items()})
+    return TaskBatchResult(torch.stack(losses), torch.stack(accuracies), g_params, g_rule, _stack(adapted))
+
+
 def vmap_forward(
     task_fn: TaskFn,
     params: Params,
@@ -85,9 +152,78 @@ def vmap_forward(
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query loss and accuracy without a meta-gradient (evaluation)."""
-    per_task = torch.vmap(task_fn, in_dims=(None, None, None, 0, 0, 0, 0), chunk_size=chunk_size)
+    per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
     loss, (accuracy, _) = per_task(params, rule_params, buffers, *tasks)
     return loss, accuracy
 
 
-DRIVERS: dict[str, Callable[..., TaskBatchResult]] = {"vmap": vmap_driver, "loop": loop_driver}
+#: What the ``auto`` driver chooses from, per device type: "driver+convolution implementation".
+AUTO_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "cpu": ("vmap+native", "vmap_autograd+native", "loop_autograd+native"),
+    "cuda": ("vmap+native", "vmap_autograd+native", "loop_autograd+native"),
+}
+
+
+class AutoDriver:
+    """Picks the fastest exact strategy per setting by timing each candidate on the first batch.
+
+    Candidates (:data:`AUTO_CANDIDATES`) are the vmap driver, the functorch-example shape (vmap forward,
+    autograd backward) and the learn2learn shape (loop, autograd backward per task); they compute the
+    same numbers up to rounding, so the choice changes speed only.
+    The choice is cached per setting (task shapes, dtype, device, chunk size, inner steps, order), like
+    ``cudnn.benchmark``; ``choices`` records it so runs can log what ran.
+    """
+
+    def __init__(self) -> None:
+        self.choices: dict[tuple, str] = {}
+
+    @staticmethod
+    def _signature(task_fn: TaskFn, tasks: tuple[torch.Tensor, ...], chunk_size: int | None) -> tuple:
+        keywords = getattr(task_fn, "keywords", {})
+        rule = keywords.get("rule")
+        return (tuple(tuple(t.shape) for t in tasks), tasks[0].dtype, tasks[0].device.type, chunk_size,
+                keywords.get("steps"), getattr(rule, "name", None))
+
+    @staticmethod
+    def _run(candidate: str, *args) -> TaskBatchResult:
+        driver, impl = candidate.split("+")
+        with conv_impl(impl):
+            return DRIVERS[driver](*args)
+
+    def __call__(
+        self,
+        task_fn: TaskFn,
+        params: Params,
+        rule_params: Params,
+        buffers: Params,
+        tasks: tuple[torch.Tensor, ...],
+        chunk_size: int | None = None,
+    ) -> TaskBatchResult:
+        args = (task_fn, params, rule_params, buffers, tasks, chunk_size)
+        key = self._signature(task_fn, tasks, chunk_size)
+        if key in self.choices:
+            return self._run(self.choices[key], *args)
+        device = tasks[0].device
+        timings, results = {}, {}
+        for candidate in AUTO_CANDIDATES.get(device.type, AUTO_CANDIDATES["cuda"]):
+            self._run(candidate, *args)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results[candidate] = self._run(candidate, *args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings[candidate] = time.perf_counter() - start
+        self.choices[key] = min(timings, key=timings.get)
+        return results[self.choices[key]]
+
+
+#: The stateless drivers; ``auto`` is an :class:`AutoDriver` that each learner owns (it caches its choices).
+DRIVERS: dict[str, Callable[..., TaskBatchResult]] = {
+    "vmap": vmap_driver,
+    "loop": loop_driver,
+    "vmap_autograd": vmap_autograd_driver,
+    "loop_autograd": loop_autograd_driver,
+}
+#: Drivers that may run the per-task function under ``torch.vmap``.
+VECTORIZED_DRIVERS = ("vmap", "vmap_autograd", "auto")

@@ -74,3 +74,11 @@ def reference_maml(
     mean_loss = torch.stack(losses).mean()
     grads = torch.autograd.grad(mean_loss, list(leaves.values()))
     return torch.stack(losses).detach(), dict(zip(leaves, grads)), adapted_all
+
+
+def has_omniglot() -> bool:
+    """Whether the data root holds Omniglot (zips or extracted folders)."""
+    from meta.data import resolve_data_root
+
+    root = resolve_data_root(None) / "omniglot"
+    return (root / "images_background.zip").exists() or (root / "images_background").is_dir()

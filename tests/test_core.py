@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import meta
-from meta.models import relative_error
+from meta.models import relative_error, set_conv_impl
 from tests.helpers import random_tasks, reference_maml
 
 TOL = 1e-10
@@ -17,8 +17,7 @@ MODELS = [("conv4", "task_bn"), ("conv4", "none"), ("mlp", "task_bn")]
 
 
 def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float = 0.4, seed: int = 0):
-    torch.manual_seed(seed)  # only the weight initialization of this test model
-    model = meta.build_model(kind, ways=5, norm=norm).double()
+    model = meta.build_model(kind, ways=5, norm=norm, generator=torch.Generator().manual_seed(seed)).double()
     rule = meta.sgd(lr=lr, first_order=first_order)
     return meta.MetaLearner(model, rule, inner_steps=steps)
 
@@ -34,8 +33,12 @@ def tasks():
 def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
     learner = make_learner(kind, norm, steps, first_order)
     loop = learner.meta_gradient(tasks, driver="loop")
-    for chunk_size in (None, 3):
-        vm = learner.meta_gradient(tasks, driver="vmap", chunk_size=chunk_size)
+    runs = [("vmap", None, "native"), ("vmap", 3, "native"), ("vmap", None, "unfold"), ("auto", None, "context"),
+            ("vmap_autograd", None, "native"), ("loop_autograd", None, "native")]
+    for driver, chunk_size, conv_impl in runs:
+        set_conv_impl(learner.model, conv_impl)
+        vm = learner.meta_gradient(tasks, driver=driver, chunk_size=chunk_size)
+        set_conv_impl(learner.model, "context")
         assert torch.allclose(vm.loss, loop.loss, rtol=TOL, atol=0)
         assert torch.equal(vm.accuracy, loop.accuracy)
         assert relative_error(vm.adapted, loop.adapted) < TOL
@@ -47,6 +50,16 @@ def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
     assert relative_error(loop.grads, ref_grads) < TOL
     stacked = {k: torch.stack([a[k] for a in ref_adapted]) for k in ref_adapted[0]}
     assert relative_error(loop.adapted, stacked) < TOL
+
+
+def test_unfold_convolution_equals_native():
+    conv = meta.models.TaskConv2d(3, 8, 3, stride=2, padding=1).double()
+    x = torch.randn(4, 3, 11, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    native = conv(x)
+    conv.impl = "unfold"
+    assert torch.allclose(conv(x), native, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown conv impl"):
+        set_conv_impl(conv, "winograd")
 
 
 def test_first_order_differs_from_second_order(tasks):
@@ -77,7 +90,7 @@ def test_matches_learn2learn(tasks, first_order):
     assert relative_error(ours.grads, dict(zip(names, grads))) < TOL
 
 
-@pytest.mark.parametrize("driver", ["vmap", "loop"])
+@pytest.mark.parametrize("driver", ["vmap", "loop", "vmap_autograd", "loop_autograd", "auto"])
 @pytest.mark.parametrize("steps", [1, 5])
 def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver, steps):
     result = make_learner("conv4", "task_bn", steps, first_order=False).meta_gradient(tasks, driver=driver)
@@ -89,8 +102,7 @@ def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver
 
 
 def test_learnable_lr_gets_the_right_meta_gradient(tasks):
-    torch.manual_seed(0)
-    model = meta.build_model("mlp", ways=5, norm="task_bn").double()
+    model = meta.build_model("mlp", ways=5, norm="task_bn", generator=torch.Generator().manual_seed(0)).double()
     learner = meta.MetaLearner(model, meta.sgd(lr=0.3, learnable=True), inner_steps=2)
     vm = learner.meta_gradient(tasks, driver="vmap")
     loop = learner.meta_gradient(tasks, driver="loop")
@@ -107,13 +119,13 @@ def test_learnable_lr_gets_the_right_meta_gradient(tasks):
     assert abs(vm.rule_grads["lr"].item() - (up - down).item() / (2 * eps)) < 1e-6
 
 
-def test_fused_batch_norm_is_refused_in_second_order_vmap(tasks):
-    torch.manual_seed(0)
-    model = meta.build_model("conv4", ways=5, norm="none").double()
+@pytest.mark.parametrize("driver", ["vmap", "vmap_autograd", "auto"])
+def test_fused_batch_norm_is_refused_in_second_order_vmap(tasks, driver):
+    model = meta.build_model("conv4", ways=5, norm="none", generator=torch.Generator().manual_seed(0)).double()
     model.features[2].norm = nn.BatchNorm2d(64).double()
     learner = meta.MetaLearner(model, meta.sgd(lr=0.4), inner_steps=1)
     with pytest.raises(meta.FusedNormError, match=r"features\.2\.norm \(BatchNorm2d\).*TaskBatchNorm"):
-        learner.meta_gradient(tasks, driver="vmap")
+        learner.meta_gradient(tasks, driver=driver)
 
 
 def test_write_grads_and_adam_step(tasks):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from meta.data import resolve_data_root
 from meta.evaluation import mean_ci95
 from meta.training.config import ConfigError, available_presets, load_config
+from tests.helpers import has_omniglot
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -165,13 +165,8 @@ def test_mean_ci95_formula():
     assert ci == pytest.approx(1.96 * np.std(values.numpy()) / np.sqrt(5))
 
 
-def _has_omniglot() -> bool:
-    root = resolve_data_root(None) / "omniglot"
-    return (root / "images_background.zip").exists() or (root / "images_background").is_dir()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_omniglot(), reason="Omniglot is not under the data root (set META_DATA_ROOT)")
+@pytest.mark.skipif(not has_omniglot(), reason="Omniglot is not under the data root (set META_DATA_ROOT)")
 def test_cli_smoke_on_real_omniglot(tmp_path):
     out = tmp_path / "omniglot"
     proc = run_cli("train_maml.py", "train.iterations=4", "train.val_every=2", "train.val_tasks=10",

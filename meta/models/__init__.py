@@ -12,7 +12,7 @@ from meta.models.functional import (
     parameters_of,
     relative_error,
 )
-from meta.models.networks import MLP, Conv4, initialize
+from meta.models.networks import CONV_IMPLS, MLP, Conv4, TaskConv2d, conv_impl, initialize, set_conv_impl
 from meta.models.norms import TaskBatchNorm, find_fused_norms, make_norm
 
 
@@ -42,6 +42,10 @@ def build_model(
 
 
 __all__ = [
+    "CONV_IMPLS",
+    "TaskConv2d",
+    "set_conv_impl",
+    "conv_impl",
     "MLP",
     "Conv4",
     "Params",

@@ -2,12 +2,73 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from meta.models.norms import TaskBatchNorm, make_norm
 
 DOWNSAMPLE_CHOICES = ("stride", "maxpool")
+
+
+CONV_IMPLS = ("native", "unfold")
+_CONV_IMPL: ContextVar[str] = ContextVar("conv_impl", default="native")
+
+
+@contextmanager
+def conv_impl(impl: str) -> Iterator[None]:
+    """Within this block, :class:`TaskConv2d` layers left at ``impl="context"`` use ``impl``."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
+    token = _CONV_IMPL.set(impl)
+    try:
+        yield
+    finally:
+        _CONV_IMPL.reset(token)
+
+
+class TaskConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with a choice of implementation, same parameters and same math.
+
+    ``impl="native"`` calls ``F.conv2d``. ``impl="unfold"`` writes the convolution as
+    ``unfold`` + matmul: under ``vmap`` over tasks with per-task weights it becomes a batched
+    matmul (and its gradients too), instead of the grouped convolution that the native
+    batching rule produces, whose backward and double backward are slow on CPU.
+    ``impl="context"`` (the default) follows :func:`conv_impl`, which the ``auto`` driver sets;
+    outside such a block it is ``native``.
+    """
+
+    impl: str = "context"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = _CONV_IMPL.get() if self.impl == "context" else self.impl
+        if impl == "native":
+            return super().forward(x)
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("impl='unfold' supports plain zero-padded convolutions with groups=1")
+        batch, _, height, width = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        out = torch.einsum("ok,bkl->bol", self.weight.flatten(1), cols)
+        out = rearrange(out, "b o (h w) -> b o h w", h=out_h, w=out_w)
+        return out if self.bias is None else out + rearrange(self.bias, "o -> 1 o 1 1")
+
+
+def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Pin every :class:`TaskConv2d` of ``model`` to ``impl`` (``native``, ``unfold``, or ``context``)."""
+    if impl not in (*CONV_IMPLS, "context"):
+        raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
+    for module in model.modules():
+        if isinstance(module, TaskConv2d):
+            module.impl = impl
+    return model
 
 
 class ConvBlock(nn.Module):
@@ -18,7 +79,7 @@ class ConvBlock(nn.Module):
         if downsample not in DOWNSAMPLE_CHOICES:
             raise ValueError(f"unknown downsample {downsample!r}; choose one of {DOWNSAMPLE_CHOICES}")
         stride = 2 if downsample == "stride" else 1
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.conv = TaskConv2d(in_channels, out_channels, 3, stride=stride, padding=1)
         self.norm = make_norm(norm, out_channels)
         self.pool = nn.MaxPool2d(2) if downsample == "maxpool" else nn.Identity()
 

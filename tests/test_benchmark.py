@@ -1,0 +1,28 @@
+"""The benchmark script runs a tiny configuration and writes its files (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_quick_writes_its_files(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["matmul_gflops"] > 0
+    assert len(results["meta_step"]) == 2
+    for row in results["meta_step"]:
+        assert {"auto", "vmap", "loop", "functorch", "learn2learn"} <= set(row["drivers"])
+        assert all(d["ms"] > 0 and d["gflops"] > 0 for d in row["drivers"].values())
+    assert {"for-loop", "vmap(grad)"} <= set(results["per_sample"])
+    assert len(results["memory"]["rows"]) == 10
+    assert "| setting |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "meta_step.png").read_bytes()[:4] == b"\x89PNG"
