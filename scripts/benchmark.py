@@ -40,28 +40,64 @@ model = meta.build_model("conv4", ways=5, generator=generator)
 peak = matmul_peak_gflops(device, size=512 if args.quick else 2048)
 print(f"{device_name(device)} | float32 matmul: {peak:.0f} GFLOP/s")
 
-# ---- meta-steps -----------------------------------------------------------------------------
-grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
-grid = [s for s in grid if args.only in s.name]
-rows = []
-for s in grid:
-    net = meta.build_model("conv4", ways=s.ways, generator=torch.Generator().manual_seed(0)).to(device)
-    tasks = random_tasks(s, device, generator)
-    flops = count_flops(ours(net, s, tasks, "loop"))
-    fns = candidates(net, s, tasks, with_l2l=not args.no_l2l)
-    timings = interleaved_medians(fns, repeats=2 if args.quick else args.repeats, device=device)
-    row = {"setting": s.name, **vars(s), "gflop": flops / 1e9, "drivers": {},
-           "auto_choice": ", ".join(fns["auto"].learner.auto_driver.choices.values())}
-    for name in fns:
-        ms = timings[name]["median_s"] * 1e3
-        row["drivers"][name] = {
-            "ms": ms, "steps_per_s": 1e3 / ms, "gflops": flops / 1e9 / (ms / 1e3),
-            "fraction_of_peak": flops / 1e9 / (ms / 1e3) / peak, "peak_mem_mb": timings[name]["peak_bytes"] / 2**20,
-            "times_ms": [t * 1e3 for t in timings[name]["times_s"]],
-        }
-    rows.append(row)
-    summary = "  ".join(f"{k} {v['ms']:.0f}ms" for k, v in row["drivers"].items())
-    print(f"{s.name:32s} {flops / 1e9:6.2f} GFLOP  {summary}  (auto: {row['auto_choice']})", flush=True)
+# ---- outputs, rewritten after every setting so that a partial run leaves usable files -------------
+meta_info = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+             "git_commit": git_commit(), "matmul_gflops": peak, "repeats": args.repeats, "quick": args.quick}
+
+
+def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complete: bool) -> None:
+    """results.json, results.md and meta_step.png under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {"machine": meta_info, "complete": complete, "meta_step": rows, "per_sample": per_sample_rows,
+               "memory": memory}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    names = list(rows[0]["drivers"]) if rows else []
+    lines = [f"# Meta-step benchmark: {meta_info['device']}", "",
+             f"torch {meta_info['torch']}, commit {meta_info['git_commit'][:12]}, measured float32 matmul peak "
+             f"{peak:.0f} GFLOP/s. Median ms per full meta-step (inner loop + meta-gradient + Adam) over "
+             f"{args.repeats} interleaved repeats after one warm-up round, same weights and data for every "
+             "implementation. `auto` times exclude its one-time choice, made during the warm-up round. "
+             "`l2l/x` is learn2learn's time divided by x's (above 1: x is faster)."
+             + ("" if complete else f" PARTIAL RUN: {len(rows)} of {len(grid)} settings."), "",
+             "| setting | GFLOP | " + " | ".join(f"{n} ms" for n in names)
+             + " | l2l/auto | l2l/vmap | auto % of peak | auto chose |",
+             "|---|---|" + "---|" * (len(names) + 4)]
+    for r in rows:
+        d = r["drivers"]
+        l2l = d.get("learn2learn", {}).get("ms", float("nan"))
+        lines.append(f"| {r['setting']} | {r['gflop']:.2f} | " + " | ".join(f"{d[n]['ms']:.0f}" for n in names)
+                     + f" | {l2l / d['auto']['ms']:.2f} | {l2l / d['vmap']['ms']:.2f} | "
+                     f"{100 * d['auto']['fraction_of_peak']:.0f}% | {r['auto_choice']} |")
+    lines += ["", "Peak extra memory (MB) per meta-step:", "",
+              "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {r['setting']} | " + " | ".join(f"{r['drivers'][n]['peak_mem_mb']:.0f}" for n in names) + " |"
+              for r in rows]
+    lines += ["", f"## Per-sample gradients (tutorial SimpleCNN, batch {batch}, MNIST-shaped)", "",
+              "| method | ms |", "|---|---|"] + [f"| {k} | {v['ms']:.1f} |" for k, v in per_sample_rows.items()]
+    lines += ["", f"## Peak memory by vmap chunk size ({memory['setting']})", "",
+              "| chunk size | conv | peak MB | ms |", "|---|---|---|---|"]
+    lines += [f"| {m['chunk_size']} | {m['conv']} | {m['peak_mem_mb']:.0f} | {m['ms']:.0f} |" for m in memory["rows"]]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.6), 5))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(rows))], [r["drivers"][name]["ms"] for r in rows], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["setting"] for r in rows], rotation=70,
+                  ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per meta-step (log)")
+    ax.set_title(meta_info["device"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "meta_step.png", dpi=110)
+    print(f"wrote {out}/results.json, results.md, meta_step.png")
+
 
 # ---- per-sample gradients (the PyTorch tutorial's setup) ---------------------------------------
 
@@ -118,56 +154,32 @@ for chunk in (None, 8, 4, 2, 1):
         memory_rows.append({"chunk_size": chunk or mem_setting.tasks, "conv": impl,
                             "peak_mem_mb": mem.peak / 2**20, "ms": seconds * 1e3})
         print(f"memory {mem_setting.name} chunk {chunk} {impl}: {memory_rows[-1]['peak_mem_mb']:.0f} MB")
+memory = {"setting": mem_setting.name, "rows": memory_rows}
 
-# ---- write ----------------------------------------------------------------------------------
-meta_info = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-             "git_commit": git_commit(), "matmul_gflops": peak, "repeats": args.repeats, "quick": args.quick}
-results = {"machine": meta_info, "meta_step": rows, "per_sample": per_sample_rows, "memory": {
-    "setting": mem_setting.name, "rows": memory_rows}}
-(out / "results.json").write_text(json.dumps(results, indent=2))
+# ---- meta-steps -----------------------------------------------------------------------------
+grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
+grid = sorted((s for s in grid if args.only in s.name),  # cheapest first, so a cut-short run has the most rows
+              key=lambda s: s.tasks * s.ways * (s.shots * s.steps + s.queries) * (2 - s.first_order))
+rows = []
+for s in grid:
+    net = meta.build_model("conv4", ways=s.ways, generator=torch.Generator().manual_seed(0)).to(device)
+    tasks = random_tasks(s, device, generator)
+    flops = count_flops(ours(net, s, tasks, "loop"))
+    fns = candidates(net, s, tasks, with_l2l=not args.no_l2l)
+    timings = interleaved_medians(fns, repeats=2 if args.quick else args.repeats, device=device)
+    row = {"setting": s.name, **vars(s), "gflop": flops / 1e9, "drivers": {},
+           "auto_choice": ", ".join(fns["auto"].learner.auto_driver.choices.values())}
+    for name in fns:
+        ms = timings[name]["median_s"] * 1e3
+        row["drivers"][name] = {
+            "ms": ms, "steps_per_s": 1e3 / ms, "gflops": flops / 1e9 / (ms / 1e3),
+            "fraction_of_peak": flops / 1e9 / (ms / 1e3) / peak, "peak_mem_mb": timings[name]["peak_bytes"] / 2**20,
+            "times_ms": [t * 1e3 for t in timings[name]["times_s"]],
+        }
+    rows.append(row)
+    summary = "  ".join(f"{k} {v['ms']:.0f}ms" for k, v in row["drivers"].items())
+    print(f"{s.name:32s} {flops / 1e9:6.2f} GFLOP  {summary}  (auto: {row['auto_choice']})", flush=True)
+    write_outputs(rows, per_sample_rows, memory, complete=False)
 
-names = list(rows[0]["drivers"]) if rows else []
-lines = [f"# Meta-step benchmark: {meta_info['device']}", "",
-         f"torch {meta_info['torch']}, commit {meta_info['git_commit'][:12]}, measured float32 matmul peak "
-         f"{peak:.0f} GFLOP/s. Median ms per full meta-step (inner loop + meta-gradient + Adam) over "
-         f"{args.repeats} interleaved repeats after one warm-up round, same weights and data for every "
-         "implementation. `auto` times exclude its one-time choice, made during the warm-up round. "
-         "`l2l/x` is learn2learn's time divided by x's (above 1: x is faster).", "",
-         "| setting | GFLOP | " + " | ".join(f"{n} ms" for n in names)
-         + " | l2l/auto | l2l/vmap | auto % of peak | auto chose |",
-         "|---|---|" + "---|" * (len(names) + 4)]
-for r in rows:
-    d = r["drivers"]
-    l2l = d.get("learn2learn", {}).get("ms", float("nan"))
-    lines.append(f"| {r['setting']} | {r['gflop']:.2f} | " + " | ".join(f"{d[n]['ms']:.0f}" for n in names)
-                 + f" | {l2l / d['auto']['ms']:.2f} | {l2l / d['vmap']['ms']:.2f} | "
-                 f"{100 * d['auto']['fraction_of_peak']:.0f}% | {r['auto_choice']} |")
-lines += ["", "Peak extra memory (MB) per meta-step:", "",
-          "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-lines += [f"| {r['setting']} | " + " | ".join(f"{r['drivers'][n]['peak_mem_mb']:.0f}" for n in names) + " |"
-          for r in rows]
-lines += ["", f"## Per-sample gradients (tutorial SimpleCNN, batch {batch}, MNIST-shaped)", "",
-          "| method | ms |", "|---|---|"] + [f"| {k} | {v['ms']:.1f} |" for k, v in per_sample_rows.items()]
-lines += ["", f"## Peak memory by vmap chunk size ({mem_setting.name})", "", "| chunk size | conv | peak MB | ms |",
-          "|---|---|---|---|"] + [f"| {m['chunk_size']} | {m['conv']} | {m['peak_mem_mb']:.0f} | {m['ms']:.0f} |"
-                                  for m in memory_rows]
-(out / "results.md").write_text("\n".join(lines) + "\n")
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.6), 5))
-width = 0.8 / max(len(names), 1)
-for i, name in enumerate(names):
-    ax.bar([j + i * width for j in range(len(rows))], [r["drivers"][name]["ms"] for r in rows], width, label=name)
-ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["setting"] for r in rows], rotation=70,
-              ha="right", fontsize=7)
-ax.set_yscale("log")
-ax.set_ylabel("ms per meta-step (log)")
-ax.set_title(meta_info["device"], fontsize=9)
-ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(out / "meta_step.png", dpi=110)
+write_outputs(rows, per_sample_rows, memory, complete=True)
 print(f"wrote {out}/results.json, results.md, meta_step.png")

@@ -125,7 +125,6 @@ def candidates(model: nn.Module, s: Setting, tasks: Tasks, with_l2l: bool = True
     out = {
         "auto": ours(model, s, tasks, "auto"),
         "vmap": ours(model, s, tasks, "vmap"),
-        "vmap+unfold": ours(model, s, tasks, "vmap", conv_impl="unfold"),
         "loop": ours(model, s, tasks, "loop"),
         "vmap_autograd": ours(model, s, tasks, "vmap_autograd"),
         "loop_autograd": ours(model, s, tasks, "loop_autograd"),
