@@ -205,7 +205,10 @@ class AutoDriver:
             return self._run(self.choices[key], *args)
         device = tasks[0].device
         timings, results = {}, {}
-        for candidate in AUTO_CANDIDATES.get(device.type, AUTO_CANDIDATES["cuda"]):
+        candidates = AUTO_CANDIDATES.get(device.type, AUTO_CANDIDATES["cuda"])
+        if chunk_size is not None:  # bounded memory was asked for: vmap_autograd keeps every chunk's graph
+            candidates = tuple(c for c in candidates if not c.startswith("vmap_autograd"))
+        for candidate in candidates:
             self._run(candidate, *args)  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import meta
-from meta.benchmarks.measure import PeakMemory, count_flops, interleaved_medians, matmul_peak_gflops, timed
+from meta.benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
+from meta.benchmarks.memory_probe import probe
 from meta.benchmarks.meta_step import Setting, candidates, ours, paper_grid, random_tasks
 from meta.training.run_log import device_name, git_commit
 
@@ -29,6 +30,8 @@ parser.add_argument("--repeats", type=int, default=3)
 parser.add_argument("--quick", action="store_true", help="a tiny grid and few repeats (smoke test)")
 parser.add_argument("--only", default="", help="run only settings whose name contains this text")
 parser.add_argument("--no-l2l", action="store_true", help="skip learn2learn (if it is not installed)")
+parser.add_argument("--skip-timing", action="store_true", help="skip the meta-step timing grid")
+parser.add_argument("--skip-memory", action="store_true", help="skip the memory probes")
 args = parser.parse_args()
 device = torch.device(args.device)
 out = Path(args.out)
@@ -73,15 +76,14 @@ def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complet
         lines.append(f"| {r['setting']} | {r['gflop']:.2f} | " + " | ".join(f"{d[n]['ms']:.0f}" for n in names)
                      + f" | {l2l / d['auto']['ms']:.2f} | {l2l / d['vmap']['ms']:.2f} | "
                      f"{100 * d['auto']['fraction_of_peak']:.0f}% | {r['auto_choice']} |")
-    lines += ["", "Peak extra memory (MB) per meta-step:", "",
-              "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {r['setting']} | " + " | ".join(f"{r['drivers'][n]['peak_mem_mb']:.0f}" for n in names) + " |"
-              for r in rows]
     lines += ["", f"## Per-sample gradients (tutorial SimpleCNN, batch {batch}, MNIST-shaped)", "",
               "| method | ms |", "|---|---|"] + [f"| {k} | {v['ms']:.1f} |" for k, v in per_sample_rows.items()]
-    lines += ["", f"## Peak memory by vmap chunk size ({memory['setting']})", "",
-              "| chunk size | conv | peak MB | ms |", "|---|---|---|---|"]
-    lines += [f"| {m['chunk_size']} | {m['conv']} | {m['peak_mem_mb']:.0f} | {m['ms']:.0f} |" for m in memory["rows"]]
+    lines += ["", f"## Peak memory of one meta-step ({memory['setting']})", "",
+              "Each row from a fresh process (`meta/benchmarks/memory_probe.py`): peak resident set during one "
+              "meta-step minus the resident set before it.", "",
+              "| driver | chunk size | peak MB | ms |", "|---|---|---|---|"]
+    lines += [f"| {m['driver']} | {m['chunk_size'] or '-'} | {m['peak_mb']:.0f} | {m['ms']:.0f} |"
+              for m in memory["rows"]]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.6), 5))
@@ -140,24 +142,27 @@ ps = interleaved_medians(per_sample, repeats=3 if args.quick else 10, device=dev
 per_sample_rows = {k: {"ms": v["median_s"] * 1e3} for k, v in ps.items()}
 print("per-sample gradients, batch", batch, {k: f"{v['ms']:.1f}ms" for k, v in per_sample_rows.items()})
 
-# ---- memory: vmap chunk size bounds the peak ------------------------------------------------
+# ---- memory: vmap chunk size bounds the peak (each number from a fresh process, see memory_probe) ------
 mem_setting = Setting(5, 1, 1, 4, 2, False) if args.quick else Setting(20, 5, 5, 16, 5, False)
-net = meta.build_model("conv4", ways=mem_setting.ways, generator=torch.Generator().manual_seed(0)).to(device)
-tasks = random_tasks(mem_setting, device, generator)
 memory_rows = []
-for chunk in (None, 8, 4, 2, 1):
-    for impl in ("native", "unfold"):
-        fn = ours(net, mem_setting, tasks, "vmap", conv_impl=impl, chunk_size=chunk)
-        fn()  # warm-up
-        with PeakMemory(device) as mem:
-            seconds = timed(fn, device)
-        memory_rows.append({"chunk_size": chunk or mem_setting.tasks, "conv": impl,
-                            "peak_mem_mb": mem.peak / 2**20, "ms": seconds * 1e3})
-        print(f"memory {mem_setting.name} chunk {chunk} {impl}: {memory_rows[-1]['peak_mem_mb']:.0f} MB")
+if not args.skip_memory:
+    probe_args = dict(ways=mem_setting.ways, shots=mem_setting.shots, queries=mem_setting.queries,
+                      tasks=mem_setting.tasks, steps=mem_setting.steps, first_order=mem_setting.first_order,
+                      device=args.device)
+    for chunk in (None, 8, 4, 2, 1):
+        memory_rows.append({"driver": "vmap", "chunk_size": chunk or mem_setting.tasks,
+                            **probe(driver="vmap", chunk_size=chunk, **probe_args)})
+        print(f"memory {mem_setting.name} vmap chunk {chunk}: {memory_rows[-1]['peak_mb']:.0f} MB", flush=True)
+    for driver in ("loop", "loop_autograd", "vmap_autograd", "functorch", "learn2learn"):
+        if driver == "learn2learn" and args.no_l2l:
+            continue
+        memory_rows.append({"driver": driver, "chunk_size": None, **probe(driver=driver, **probe_args)})
+        print(f"memory {mem_setting.name} {driver}: {memory_rows[-1]['peak_mb']:.0f} MB", flush=True)
 memory = {"setting": mem_setting.name, "rows": memory_rows}
 
 # ---- meta-steps -----------------------------------------------------------------------------
 grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
+grid = [] if args.skip_timing else grid
 grid = sorted((s for s in grid if args.only in s.name),  # cheapest first, so a cut-short run has the most rows
               key=lambda s: s.tasks * s.ways * (s.shots * s.steps + s.queries) * (2 - s.first_order))
 rows = []
@@ -173,7 +178,7 @@ for s in grid:
         ms = timings[name]["median_s"] * 1e3
         row["drivers"][name] = {
             "ms": ms, "steps_per_s": 1e3 / ms, "gflops": flops / 1e9 / (ms / 1e3),
-            "fraction_of_peak": flops / 1e9 / (ms / 1e3) / peak, "peak_mem_mb": timings[name]["peak_bytes"] / 2**20,
+            "fraction_of_peak": flops / 1e9 / (ms / 1e3) / peak,
             "times_ms": [t * 1e3 for t in timings[name]["times_s"]],
         }
     rows.append(row)

@@ -23,6 +23,6 @@ def test_benchmark_quick_writes_its_files(tmp_path):
         assert {"auto", "vmap", "loop", "functorch", "learn2learn"} <= set(row["drivers"])
         assert all(d["ms"] > 0 and d["gflops"] > 0 for d in row["drivers"].values())
     assert {"for-loop", "vmap(grad)"} <= set(results["per_sample"])
-    assert len(results["memory"]["rows"]) == 10
+    assert len(results["memory"]["rows"]) == 10 and all(m["peak_mb"] > 0 for m in results["memory"]["rows"])
     assert "| setting |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "meta_step.png").read_bytes()[:4] == b"\x89PNG"

@@ -156,3 +156,16 @@ def test_bad_driver_and_steps():
         meta.build_model("resnet", 5)
     with pytest.raises(ValueError, match="unknown norm"):
         meta.build_model("conv4", 5, norm="layer")
+
+
+def test_auto_driver_caches_its_choice_and_respects_chunk_size(tasks):
+    learner = make_learner("mlp", "task_bn", 1, first_order=False)
+    first = learner.meta_gradient(tasks, driver="auto")
+    assert len(learner.auto_driver.choices) == 1
+    again = learner.meta_gradient(tasks, driver="auto")
+    assert len(learner.auto_driver.choices) == 1  # the same setting is not timed again
+    assert relative_error(first.grads, again.grads) < TOL
+    learner.meta_gradient(tasks, driver="auto", chunk_size=2)
+    assert len(learner.auto_driver.choices) == 2
+    chunked_choice = [v for k, v in learner.auto_driver.choices.items() if k[3] == 2][0]
+    assert not chunked_choice.startswith("vmap_autograd")  # it would not bound memory

@@ -64,20 +64,16 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def interleaved_medians(
     candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
 ) -> dict[str, dict[str, float]]:
-    """Median time and peak extra memory of each candidate, calling them in turn (A B C A B C ...) so
-    that machine drift is shared; the first ``warmup`` rounds are not counted."""
+    """Median time of each candidate, calling them in turn (A B C A B C ...) so that machine drift is
+    shared; the first ``warmup`` rounds are not counted."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    peaks: dict[str, int] = {name: 0 for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            with PeakMemory(device) as mem:
-                times[name].append(timed(fn, device))
-            peaks[name] = max(peaks[name], mem.peak)
-    return {name: {"median_s": statistics.median(ts), "times_s": ts, "peak_bytes": peaks[name]}
-            for name, ts in times.items()}
+            times[name].append(timed(fn, device))
+    return {name: {"median_s": statistics.median(ts), "times_s": ts} for name, ts in times.items()}
 
 
 def count_flops(fn: Callable[[], object]) -> int:

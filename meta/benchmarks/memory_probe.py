@@ -1,0 +1,70 @@
+"""Peak memory of one meta-step, measured in a fresh process.
+
+On CPU, freed memory normally stays in the process (glibc keeps it), so a resident-set reading inside a
+long benchmark says little. This probe runs in its own process with ``MALLOC_MMAP_THRESHOLD_`` set, so
+large buffers are returned to the system when freed and the resident set follows live memory; it reports
+the peak resident set during one meta-step (after a warm-up step) minus the resident set before it.
+
+    python -m meta.benchmarks.memory_probe --ways 20 --shots 5 --queries 5 --tasks 16 --steps 5 --driver vmap \\
+        --chunk-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def probe(ways: int, shots: int, queries: int, tasks: int, steps: int, first_order: bool, driver: str,
+          conv: str = "native", chunk_size: int | None = None, device: str = "cpu") -> dict:
+    """Run this module in a subprocess and return ``{"peak_mb": ..., "ms": ...}``."""
+    args = [sys.executable, "-m", "meta.benchmarks.memory_probe", "--ways", str(ways), "--shots", str(shots),
+            "--queries", str(queries), "--tasks", str(tasks), "--steps", str(steps), "--driver", driver,
+            "--conv", conv, "--device", device]
+    if first_order:
+        args.append("--first-order")
+    if chunk_size:
+        args += ["--chunk-size", str(chunk_size)]
+    proc = subprocess.run(args, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from meta import build_model
+    from meta.benchmarks.measure import PeakMemory, timed
+    from meta.benchmarks.meta_step import Setting, functorch_example, learn2learn_maml, ours, random_tasks
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name in ("ways", "shots", "queries", "tasks", "steps"):
+        parser.add_argument(f"--{name}", type=int, required=True)
+    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--driver", required=True, help="a meta driver, functorch or learn2learn")
+    parser.add_argument("--conv", default="native")
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    a = parser.parse_args()
+    device = torch.device(a.device)
+    s = Setting(a.ways, a.shots, a.queries, a.tasks, a.steps, a.first_order)
+    model = build_model("conv4", s.ways, generator=torch.Generator().manual_seed(0)).to(device)
+    tasks = random_tasks(s, device, torch.Generator().manual_seed(0))
+    if a.driver == "functorch":
+        step = functorch_example(model, s, tasks)
+    elif a.driver == "learn2learn":
+        step = learn2learn_maml(model, s, tasks)
+    else:
+        step = ours(model, s, tasks, a.driver, conv_impl=a.conv, chunk_size=a.chunk_size)
+    step()  # warm-up (and the auto driver's one-time choice)
+    with PeakMemory(device) as mem:
+        seconds = timed(step, device)
+    print(json.dumps({"peak_mb": mem.peak / 2**20, "ms": seconds * 1e3}))
+
+
+if __name__ == "__main__":
+    main()
