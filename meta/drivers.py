@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch.func import grad_and_value
 
+from meta.models.functional import detached
 from meta.models.networks import conv_impl
 
 Params = dict[str, torch.Tensor]
@@ -115,8 +116,7 @@ def vmap_autograd_driver(
         per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
         loss, (accuracy, adapted) = per_task(leaves, rule_leaves, buffers, *tasks)
         g_params, g_rule = _autograd(loss.mean(), (leaves, rule_leaves))
-    detach = lambda tree: {k: v.detach() for k, v in tree.items()}  # noqa: E731
-    return TaskBatchResult(loss.detach(), accuracy.detach(), g_params, g_rule, detach(adapted))
+    return TaskBatchResult(loss.detach(), accuracy.detach(), g_params, g_rule, detached(adapted))
 
 
 def loop_autograd_driver(
@@ -139,7 +139,7 @@ def loop_autograd_driver(
         g_rule = gr if g_rule is None else {k: g_rule[k] + gr[k] for k in gr}
         losses.append(loss.detach())
         accuracies.append(accuracy.detach())
-        adapted.append({k: v.detach() for k, v in fast.items()})
+        adapted.append(detached(fast))
     return TaskBatchResult(torch.stack(losses), torch.stack(accuracies), g_params, g_rule, _stack(adapted))
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from meta.adaptation import LossFn, task_loss
 from meta.drivers import DRIVERS, VECTORIZED_DRIVERS, AutoDriver, TaskBatchResult, vmap_forward
-from meta.models.functional import buffers_of, functional_forward, parameters_of
+from meta.models.functional import buffers_of, detached, functional_forward, parameters_of
 from meta.models.norms import find_fused_norms
 from meta.per_sample import _check_no_batch_statistics
 from meta.rules.base import InnerRule
@@ -59,7 +59,7 @@ class MetaLearner(nn.Module):
         self.step_weights: torch.Tensor | None = None
         if rule.per_sample:
             _check_no_batch_statistics(model)
-        initial = {k: v.detach() for k, v in parameters_of(model).items()}
+        initial = detached(parameters_of(model))
         self.rule_params = nn.ParameterDict(
             {_to_key(k): nn.Parameter(v.clone()) for k, v in rule.init_rule_params(initial).items()}
         )
@@ -74,7 +74,7 @@ class MetaLearner(nn.Module):
 
     def _detached_state(self) -> tuple[Params, Params, Params]:
         # torch.func differentiates on its own; no outer autograd graph is needed.
-        return tuple({k: v.detach() for k, v in tree.items()} for tree in self.functional_state())
+        return tuple(detached(tree) for tree in self.functional_state())
 
     def task_fn(
         self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights: torch.Tensor | None = None
