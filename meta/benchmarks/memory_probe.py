@@ -24,7 +24,14 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 def probe(ways: int, shots: int, queries: int, tasks: int, steps: int, first_order: bool, driver: str,
           conv: str = "native", chunk_size: int | None = None, device: str = "cpu") -> dict:
-    """Run this module in a subprocess and return ``{"peak_mb": ..., "ms": ...}``."""
+    """Peak memory and time of one meta-step: ``{"peak_mb": ..., "ms": ...}``.
+
+    On CPU it runs this module in a subprocess; on CUDA the allocator's own peak counter is exact, so it
+    measures in this process (and frees the cached blocks afterwards)."""
+    if torch.device(device).type == "cuda":
+        result = measure(ways, shots, queries, tasks, steps, first_order, driver, conv, chunk_size, device)
+        torch.cuda.empty_cache()
+        return result
     args = [sys.executable, "-m", "meta.benchmarks.memory_probe", "--ways", str(ways), "--shots", str(shots),
             "--queries", str(queries), "--tasks", str(tasks), "--steps", str(steps), "--driver", driver,
             "--conv", conv, "--device", device]
@@ -36,11 +43,30 @@ def probe(ways: int, shots: int, queries: int, tasks: int, steps: int, first_ord
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def measure(ways: int, shots: int, queries: int, tasks: int, steps: int, first_order: bool, driver: str,
+            conv: str = "native", chunk_size: int | None = None, device: str = "cpu") -> dict:
+    """Peak memory above the starting point, and time, of one meta-step after a warm-up step."""
     from meta import build_model
     from meta.benchmarks.measure import PeakMemory, timed
     from meta.benchmarks.meta_step import Setting, functorch_example, learn2learn_maml, ours, random_tasks
 
+    device = torch.device(device)
+    s = Setting(ways, shots, queries, tasks, steps, first_order)
+    model = build_model("conv4", s.ways, generator=torch.Generator().manual_seed(0)).to(device)
+    batch = random_tasks(s, device, torch.Generator().manual_seed(0))
+    if driver == "functorch":
+        step = functorch_example(model, s, batch)
+    elif driver == "learn2learn":
+        step = learn2learn_maml(model, s, batch)
+    else:
+        step = ours(model, s, batch, driver, conv_impl=conv, chunk_size=chunk_size)
+    step()  # warm-up (and the auto driver's one-time choice)
+    with PeakMemory(device) as mem:
+        seconds = timed(step, device)
+    return {"peak_mb": mem.peak / 2**20, "ms": seconds * 1e3}
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     for name in ("ways", "shots", "queries", "tasks", "steps"):
         parser.add_argument(f"--{name}", type=int, required=True)
@@ -50,20 +76,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     a = parser.parse_args()
-    device = torch.device(a.device)
-    s = Setting(a.ways, a.shots, a.queries, a.tasks, a.steps, a.first_order)
-    model = build_model("conv4", s.ways, generator=torch.Generator().manual_seed(0)).to(device)
-    tasks = random_tasks(s, device, torch.Generator().manual_seed(0))
-    if a.driver == "functorch":
-        step = functorch_example(model, s, tasks)
-    elif a.driver == "learn2learn":
-        step = learn2learn_maml(model, s, tasks)
-    else:
-        step = ours(model, s, tasks, a.driver, conv_impl=a.conv, chunk_size=a.chunk_size)
-    step()  # warm-up (and the auto driver's one-time choice)
-    with PeakMemory(device) as mem:
-        seconds = timed(step, device)
-    print(json.dumps({"peak_mb": mem.peak / 2**20, "ms": seconds * 1e3}))
+    print(json.dumps(measure(a.ways, a.shots, a.queries, a.tasks, a.steps, a.first_order, a.driver, a.conv,
+                             a.chunk_size, a.device)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU check in one short run, for a machine with one CUDA GPU (run from the repository root):
+#   1. the CUDA tests (tests/test_cuda.py and the CUDA sampler test),
+#   2. the benchmark suite on the GPU (meta-step grid against learn2learn, per-sample gradients, memory),
+#   3. a short MAML Omniglot 5w1s training run on the paper preset, whose step time gives the
+#      extrapolated time of the paper's 60,000 iterations.
+# Results go under $OUT (default gpu_out/): log.txt, pytest.txt, bench/results.{json,md}, bench/meta_step.png,
+# train.tar.gz. Each stage has its own time limit, so one slow stage cannot eat the others' time.
+#
+# Optional inputs (for a machine without internet and without this project installed):
+#   .gpu/site/  extra pure-Python packages put first on PYTHONPATH (omegaconf, opacus, learn2learn's MAML)
+#   .gpu/data/  a data root holding omniglot/images_background.zip and images_evaluation.zip
+#
+#   OUT=/tmp/gpu bash scripts/gpu_checks.sh
+set -u
+OUT="${OUT:-gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[[ -d .gpu/data ]] && export META_DATA_ROOT="${META_DATA_ROOT:-$PWD/.gpu/data}"
+export META_CACHE_DIR="${META_CACHE_DIR:-/tmp/meta-cache}"
+PY="${PYTHON:-python3}"
+LOG="$OUT/log.txt"
+stage() { printf '\n==== %s (%s) ====\n' "$1" "$(date -u +%T)" | tee -a "$LOG"; }
+
+stage "environment"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '|',
+torch.cuda.get_device_name(0), '| cudnn', torch.backends.cudnn.version(),
+'| tf32 conv', torch.backends.cudnn.allow_tf32, '| tf32 matmul', torch.backends.cuda.matmul.allow_tf32)"
+    "$PY" -c "import learn2learn, omegaconf; print('learn2learn', learn2learn.__version__, learn2learn.__file__)"
+    "$PY" -c "from meta.data.omniglot import load_omniglot
+for split in ('train', 'val', 'test'): print(split, len(load_omniglot(None, split).names), 'classes')"
+} 2>&1 | tee -a "$LOG"
+
+stage "CUDA tests"
+timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_data.py::test_sampler_on_cuda" \
+    2>&1 | tee "$OUT/pytest.txt" | tail -n 25 | tee -a "$LOG"
+
+stage "benchmark"
+timeout "${BENCH_SECONDS:-240}" "$PY" scripts/benchmark.py --device cuda --repeats 5 --out "$OUT/bench" \
+    2>&1 | tee -a "$LOG"
+
+stage "training: MAML Omniglot 5w1s, paper preset, first iterations"
+RUN=/tmp/gpu-train-run
+rm -rf "$RUN"
+timeout -s INT "${TRAIN_SECONDS:-100}" "$PY" scripts/train_maml.py preset=maml_omniglot_5w1s device=cuda \
+    train.iterations="${TRAIN_ITERATIONS:-3000}" train.val_every=1000 train.checkpoint_every=1000 \
+    out_dir="$RUN" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee -a "$LOG"
+tail -n 3 "$RUN/metrics.jsonl" 2>/dev/null | tee -a "$LOG"
+tar czf "$OUT/train.tar.gz" -C "$RUN" --exclude='*.pt' . 2>/dev/null
+
+stage "done"

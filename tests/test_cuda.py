@@ -1,0 +1,75 @@
+"""The same exactness checks on a CUDA device (skipped where there is none; run by scripts/gpu_checks.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import meta
+from meta.models import relative_error
+from meta.rules import RULES
+from tests.helpers import random_tasks, reference_maml
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+TOL = 1e-10
+DEVICE = "cuda"
+DRIVERS = ["vmap", "loop", "vmap_autograd", "loop_autograd", "auto"]
+
+
+def cuda_tasks(dtype=torch.float64):
+    return tuple(t.to(DEVICE, dtype) if t.is_floating_point() else t.to(DEVICE)
+                 for t in random_tasks(tasks=4, ways=5, shots=1, queries=2))  # the same draws for any dtype
+
+
+@pytest.mark.parametrize("steps,first_order", [(1, False), (5, False), (1, True)])
+def test_drivers_agree_with_cpu_reference_on_cuda(steps, first_order):
+    model = meta.build_model("conv4", ways=5, generator=torch.Generator().manual_seed(0)).double()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cpu_tasks = random_tasks(tasks=4, ways=5, shots=1, queries=2)
+    ref_loss, ref_grads, _ = reference_maml("conv4", "task_bn", params, cpu_tasks, 0.4, steps, first_order)
+    learner = meta.MetaLearner(model.to(DEVICE), meta.sgd(lr=0.4, first_order=first_order), inner_steps=steps)
+    tasks = cuda_tasks()
+    for driver in DRIVERS:
+        result = learner.meta_gradient(tasks, driver=driver)
+        assert result.loss.device.type == DEVICE
+        assert torch.allclose(result.loss.cpu(), ref_loss, rtol=TOL, atol=0), driver
+        assert relative_error({k: g.cpu() for k, g in result.grads.items()}, ref_grads) < TOL, driver
+    # the canary: conv biases right before a norm have a zero meta-gradient
+    assert max(result.grads[f"features.{i}.conv.bias"].abs().max().item() for i in range(4)) < 1e-12
+
+
+@pytest.mark.parametrize("rule_name", sorted(RULES))
+def test_every_rule_vmap_matches_loop_on_cuda(rule_name):
+    # no norm layer: biases right before a norm have a zero true gradient, and an inner Adam would turn their
+    # rounding noise into full-size steps (the registry test in test_rules.py covers norms on the CPU)
+    model = meta.build_model("conv4", ways=5, norm="none", generator=torch.Generator().manual_seed(0))
+    learner = meta.MetaLearner(model, RULES[rule_name](), inner_steps=2).double().to(DEVICE)
+    tasks = cuda_tasks()
+    loop = learner.meta_gradient(tasks, driver="loop")
+    vm = learner.meta_gradient(tasks, driver="vmap")
+    assert torch.allclose(vm.loss, loop.loss, rtol=TOL, atol=0)
+    assert relative_error(vm.grads, loop.grads) < TOL
+    assert relative_error(vm.adapted, loop.adapted) < TOL
+
+
+def test_per_sample_grads_on_cuda():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 26 * 26, 10)).double().to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 28, 28, generator=g, dtype=torch.float64).to(DEVICE)
+    y = torch.randint(0, 10, (6,), generator=g).to(DEVICE)
+    fast = meta.per_sample_grads(net, x, y, loss_fn=F.cross_entropy)
+    slow = meta.per_sample_grads_loop(net, x, y, loss_fn=F.cross_entropy)
+    assert relative_error(fast, slow) < TOL
+
+
+def test_float32_training_step_on_cuda_is_close_to_float64():
+    model = meta.build_model("conv4", ways=5, generator=torch.Generator().manual_seed(0))
+    learner32 = meta.MetaLearner(model.to(DEVICE), meta.sgd(lr=0.4), inner_steps=1)
+    result32 = learner32.meta_gradient(cuda_tasks(torch.float32), driver="auto")
+    learner64 = meta.MetaLearner(model.double(), meta.sgd(lr=0.4), inner_steps=1)
+    result64 = learner64.meta_gradient(cuda_tasks(torch.float64), driver="loop")
+    # TF32 convolutions (cuDNN's default on Hopper) land near 1e-3; a wrong gradient lands near 1
+    assert relative_error({k: g.double() for k, g in result32.grads.items()}, result64.grads) < 2e-2
