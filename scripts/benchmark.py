@@ -28,12 +28,16 @@ parser.add_argument("--device", default="cpu")
 parser.add_argument("--out", default="experiments/benchmarks/cpu")
 parser.add_argument("--repeats", type=int, default=3)
 parser.add_argument("--quick", action="store_true", help="a tiny grid and few repeats (smoke test)")
-parser.add_argument("--only", default="", help="run only settings whose name contains this text")
+parser.add_argument("--only", default="", help="run only settings whose name contains one of these texts (a,b,...)")
+parser.add_argument("--drivers", default="", help="comma-separated subset of the implementations (default: all)")
+parser.add_argument("--no-tf32", action="store_true", help="CUDA: full float32 convolutions (PyTorch allows TF32)")
 parser.add_argument("--no-l2l", action="store_true", help="skip learn2learn (if it is not installed)")
 parser.add_argument("--skip-timing", action="store_true", help="skip the meta-step timing grid")
 parser.add_argument("--skip-memory", action="store_true", help="skip the memory probes")
 args = parser.parse_args()
 device = torch.device(args.device)
+if args.no_tf32:
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 generator = torch.Generator().manual_seed(0)
@@ -45,7 +49,8 @@ print(f"{device_name(device)} | float32 matmul: {peak:.0f} GFLOP/s")
 
 # ---- outputs, rewritten after every setting so that a partial run leaves usable files -------------
 meta_info = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-             "git_commit": git_commit(), "matmul_gflops": peak, "repeats": args.repeats, "quick": args.quick}
+             "git_commit": git_commit(), "matmul_gflops": peak, "repeats": args.repeats, "quick": args.quick,
+             "cudnn_tf32": torch.backends.cudnn.allow_tf32}
 
 
 def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complete: bool) -> None:
@@ -59,10 +64,11 @@ def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complet
                "memory": memory}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
+    tf32_note = f", cuDNN TF32 {'on' if meta_info['cudnn_tf32'] else 'off'}" if device.type == "cuda" else ""
     names = list(dict.fromkeys(n for r in rows for n in r["drivers"]))  # a driver may be missing in some rows
     lines = [f"# Meta-step benchmark: {meta_info['device']}", "",
              f"torch {meta_info['torch']}, commit {meta_info['git_commit'][:12]}, measured float32 matmul peak "
-             f"{peak:.0f} GFLOP/s. Median ms per full meta-step (inner loop + meta-gradient + Adam) over "
+             f"{peak:.0f} GFLOP/s{tf32_note}. Median ms per full meta-step (inner loop + meta-gradient + Adam) over "
              f"{args.repeats} interleaved repeats after one warm-up round, same weights and data for every "
              "implementation. `auto` times exclude its one-time choice, made during the warm-up round. "
              "`l2l/x` is learn2learn's time divided by x's (above 1: x is faster)."
@@ -169,7 +175,8 @@ memory = {"setting": mem_setting.name, "rows": memory_rows}
 # ---- meta-steps -----------------------------------------------------------------------------
 grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
 grid = [] if args.skip_timing else grid
-grid = sorted((s for s in grid if args.only in s.name),  # cheapest first, so a cut-short run has the most rows
+# cheapest first, so that a cut-short run has the most rows
+grid = sorted((s for s in grid if any(text in s.name for text in args.only.split(","))),
               key=lambda s: s.tasks * s.ways * (s.shots * s.steps + s.queries) * (2 - s.first_order))
 rows = []
 for s in grid:
@@ -177,6 +184,7 @@ for s in grid:
     tasks = random_tasks(s, device, generator)
     flops = count_flops(ours(net, s, tasks, "loop"))
     fns = candidates(net, s, tasks, with_l2l=not args.no_l2l)
+    fns = {k: f for k, f in fns.items() if k in args.drivers.split(",")} if args.drivers else fns
     timings = interleaved_medians(fns, repeats=2 if args.quick else args.repeats, device=device)
     row = {"setting": s.name, **vars(s), "gflop": flops / 1e9, "drivers": {},
            "auto_choice": ", ".join(fns["auto"].learner.auto_driver.choices.values())}

@@ -99,6 +99,9 @@ class TaskSampler:
         self.device = torch.device(device)
         self.pool = pool.to(self.device)
         self._flat_images = rearrange(self.pool.images, "c d h w -> (c d) h w").contiguous()
+        # uint8 -> [0, 1] through a table computed on the CPU: CUDA divides by a scalar as a multiplication by
+        # its reciprocal, which can differ from the CPU's division in the last bit; a table is the same everywhere
+        self._pixel_value = (torch.arange(256, dtype=torch.float32) / 255.0).to(self.device)
         self._uniform = bool((pool.counts == pool.max_drawings).all())
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
 
@@ -152,7 +155,7 @@ class TaskSampler:
             # before shuffling, position p of the "(n k)" layout holds label p // per_class
             r = rearrange(r, "t n k -> t (n k)").gather(1, order)
             x = self._flat_images.index_select(0, r.reshape(-1))
-            x = rearrange(x, "(t m) h w -> t m 1 h w", t=t).float().div_(255.0)
+            x = self._pixel_value[rearrange(x, "(t m) h w -> t m 1 h w", t=t).long()]
             return x, torch.div(order, per_class, rounding_mode="floor")
 
         sx, sy = part(rows[:, :, :k], k, idx.support_order)
