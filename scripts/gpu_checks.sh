@@ -47,7 +47,7 @@ RUN=/tmp/gpu-train-run
 rm -rf "$RUN"
 timeout -s INT "${TRAIN_SECONDS:-100}" "$PY" scripts/train_maml.py preset=maml_omniglot_5w1s device=cuda \
     train.iterations="${TRAIN_ITERATIONS:-3000}" train.val_every=1000 train.checkpoint_every=1000 \
-    out_dir="$RUN" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee -a "$LOG"
+    out_dir="$RUN" 2>&1 | tr '\r' '\n' | grep -vP '^\s*\d+%\|' | tee -a "$LOG"
 tail -n 3 "$RUN/metrics.jsonl" 2>/dev/null | tee -a "$LOG"
 tar czf "$OUT/train.tar.gz" -C "$RUN" --exclude='*.pt' . 2>/dev/null
 
