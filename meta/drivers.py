@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch.func import grad_and_value
 
+from meta.adaptation import autograd_inner_gradients
 from meta.models.functional import detached
 from meta.models.networks import conv_impl
 
@@ -127,12 +128,13 @@ def loop_autograd_driver(
     tasks: tuple[torch.Tensor, ...],
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
-    """learn2learn's shape: a Python loop over tasks, one plain-autograd backward per task (memory of one task)."""
+    """learn2learn's shape: a Python loop over tasks, plain autograd for the inner gradients and for one backward
+    per task (memory of one task)."""
     leaves, rule_leaves = _leaves(params), _leaves(rule_params)
     num_tasks = len(tasks[0])
     losses, accuracies, adapted, g_params, g_rule = [], [], [], None, None
     for i in range(num_tasks):
-        with torch.enable_grad():
+        with torch.enable_grad(), autograd_inner_gradients():
             loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, *(t[i] for t in tasks))
             gp, gr = _autograd(loss / num_tasks, (leaves, rule_leaves))
         g_params = gp if g_params is None else {k: g_params[k] + gp[k] for k in gp}

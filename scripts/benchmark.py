@@ -78,12 +78,14 @@ def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complet
              "|---|---|" + "---|" * (len(names) + 5)]
     for r in rows:
         d = r["drivers"]
-        l2l = d.get("learn2learn", {}).get("ms", float("nan"))
+        nan = float("nan")
+        l2l = d.get("learn2learn", {}).get("ms", nan)
+        vmap_ms = d.get("vmap", {}).get("ms", nan)
         best = min(v["ms"] for k, v in d.items() if k not in ("learn2learn", "functorch"))
         digits = 0 if device.type == "cpu" else 1
         lines.append(f"| {r['setting']} | {r['gflop']:.2f} | "
                      + " | ".join(f"{d[n]['ms']:.{digits}f}" if n in d else "-" for n in names)
-                     + f" | {l2l / d['auto']['ms']:.2f} | {l2l / d['vmap']['ms']:.2f} | {l2l / best:.2f} | "
+                     + f" | {l2l / d['auto']['ms']:.2f} | {l2l / vmap_ms:.2f} | {l2l / best:.2f} | "
                      f"{100 * d['auto']['fraction_of_peak']:.0f}% | {r['auto_choice']} |")
     lines += ["", f"## Per-sample gradients (tutorial SimpleCNN, batch {batch}, MNIST-shaped)", "",
               "| method | ms |", "|---|---|"] + [f"| {k} | {v['ms']:.1f} |" for k, v in per_sample_rows.items()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,3 +82,30 @@ def test_float32_meta_gradient_without_tf32_is_close_to_float64():
     # ~3e-6 on the CPU; a wrong gradient lands near 1. (With cuDNN's default TF32 convolutions the error is
     # several percent: scripts/gpu_checks.sh prints both.)
     assert float32_meta_gradient_error(allow_tf32=False) < 1e-4
+
+
+def test_cuda_graph_meta_step_matches_eager_steps():
+    from meta.benchmarks.meta_step import Setting, ours_cuda_graph, random_tasks
+
+    setting = Setting(5, 1, 1, 4, 1, False)
+    model = meta.build_model("conv4", ways=5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    batches = [random_tasks(setting, torch.device(DEVICE), torch.Generator().manual_seed(i)) for i in range(3)]
+    learner = meta.MetaLearner(copy.deepcopy(model), meta.sgd(lr=setting.lr), inner_steps=1)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+
+    def eager_step(batch) -> None:
+        result = learner.meta_gradient(batch, driver="vmap")
+        optimizer.zero_grad(set_to_none=True)
+        learner.write_grads(result)
+        optimizer.step()
+
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False, allow_tf32=False):
+        graphed = ours_cuda_graph(model, setting, batches[0])  # three eager warm-up steps on batches[0], then capture
+        for _ in range(3):
+            eager_step(batches[0])
+        for batch in batches:
+            graphed(batch)
+            eager_step(batch)
+    moved = relative_error(dict(learner.named_parameters()), dict(model.named_parameters()))
+    assert moved > 1e-4  # six Adam steps really changed the weights
+    assert relative_error(dict(graphed.learner.named_parameters()), dict(learner.named_parameters())) < 1e-5

@@ -77,8 +77,8 @@ def ours(model: nn.Module, s: Setting, tasks: Tasks, driver: str, conv_impl: str
 
 def ours_cuda_graph(model: nn.Module, s: Setting, tasks: Tasks, driver: str = "vmap") -> Callable[[], None]:
     """``ours`` with the whole meta-step (inner loop, meta-gradient, Adam) captured once as a CUDA graph and
-    replayed: the same kernels on the same buffers, without the Python and launch overhead. New tasks are
-    copied into the captured input buffers before each replay."""
+    replayed: the same kernels on the same buffers, without the Python and launch overhead. Before each replay,
+    ``tasks`` (or the tasks passed to the returned function) are copied into the captured input buffers."""
     model = copy.deepcopy(model)
     learner = meta.MetaLearner(model, meta.sgd(lr=s.lr, first_order=s.first_order), inner_steps=s.steps)
     for p in learner.parameters():
@@ -102,8 +102,8 @@ def ours_cuda_graph(model: nn.Module, s: Setting, tasks: Tasks, driver: str = "v
     with torch.cuda.graph(graph):
         step_body()
 
-    def step() -> None:
-        for buffer, t in zip(static, tasks):
+    def step(new_tasks: Tasks | None = None) -> None:
+        for buffer, t in zip(static, tasks if new_tasks is None else new_tasks):
             buffer.copy_(t)
         graph.replay()
 
