@@ -7,7 +7,8 @@
 # Results go under $OUT (default gpu_out/): log.txt, pytest.txt, bench/results.{json,md}, bench/meta_step.png,
 # train.tar.gz. Each stage has its own time limit, so one slow stage cannot eat the others' time.
 #
-# Optional inputs (for a machine without internet and without this project installed):
+# Optional inputs (for a machine without internet and without this project installed; made here by
+# scripts/prepare_gpu_bundle.sh):
 #   .gpu/site/  extra pure-Python packages put first on PYTHONPATH (omegaconf, opacus, learn2learn's MAML)
 #   .gpu/data/  a data root holding omniglot/images_background.zip and images_evaluation.zip
 #
@@ -39,7 +40,10 @@ timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/tes
     2>&1 | tee "$OUT/pytest.txt" | tail -n 25 | tee -a "$LOG"
 
 stage "benchmark"
-timeout "${BENCH_SECONDS:-240}" "$PY" scripts/benchmark.py --device cuda --repeats 5 --out "$OUT/bench" \
+# The per-task loops (loop, loop_autograd) take 0.1-2.6 s per meta-step on a GPU, 1.1-1.6x learn2learn's time
+# (experiments/benchmarks/h100); leaving them out lets the whole grid fit in a few minutes (set DRIVERS= for all).
+timeout "${BENCH_SECONDS:-240}" "$PY" scripts/benchmark.py --device cuda --repeats 3 --out "$OUT/bench" \
+    --drivers "${DRIVERS-auto,vmap,vmap_autograd,functorch,vmap+cudagraph,learn2learn}" \
     2>&1 | tee -a "$LOG"
 
 stage "training: MAML Omniglot 5w1s, paper preset, first iterations"
