@@ -8,8 +8,10 @@ mean query loss over tasks.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -145,6 +147,47 @@ def loop_autograd_driver(
     return TaskBatchResult(torch.stack(losses), torch.stack(accuracies), g_params, g_rule, _stack(adapted))
 
 
+def threaded_loop_driver(
+    task_fn: TaskFn,
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    tasks: tuple[torch.Tensor, ...],
+    chunk_size: int | None = None,
+    workers: int | None = None,
+) -> TaskBatchResult:
+    """:func:`loop_autograd_driver` on ``workers`` threads (default: torch's intra-op thread count), each
+    running its share of the tasks with single-threaded kernels. PyTorch kernels and autograd release the GIL,
+    so tasks run in parallel; on a CPU this beats splitting each small convolution across threads.
+    Memory: the graphs of ``workers`` tasks at once."""
+    num_tasks = len(tasks[0])
+    workers = max(1, min(workers or torch.get_num_threads(), num_tasks))
+    shares = [torch.arange(num_tasks)[w::workers] for w in range(workers)]  # task i goes to worker i % workers
+
+    def run(share: torch.Tensor) -> TaskBatchResult:
+        return loop_autograd_driver(task_fn, params, rule_params, buffers, tuple(t[share] for t in tasks))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # new threads take this count; restored below
+    try:
+        with ThreadPoolExecutor(workers) as pool:  # each call copies the caller's context (the conv impl choice)
+            parts = list(pool.map(lambda share: contextvars.copy_context().run(run, share), shares))
+    finally:
+        torch.set_num_threads(threads)
+    order = torch.cat(shares).argsort()  # back to task order
+
+    def weighted_sum(trees: list[Params]) -> Params:  # each part holds the mean over its own share
+        return {k: sum(len(sh) / num_tasks * tree[k] for sh, tree in zip(shares, trees)) for k in trees[0]}
+
+    return TaskBatchResult(
+        torch.cat([p.loss for p in parts])[order],
+        torch.cat([p.accuracy for p in parts])[order],
+        weighted_sum([p.grads for p in parts]),
+        weighted_sum([p.rule_grads for p in parts]),
+        {k: torch.cat([p.adapted[k] for p in parts])[order] for k in parts[0].adapted},
+    )
+
+
 def vmap_forward(
     task_fn: TaskFn,
     params: Params,
@@ -161,7 +204,7 @@ def vmap_forward(
 
 #: What the ``auto`` driver chooses from, per device type: "driver+convolution implementation".
 AUTO_CANDIDATES: dict[str, tuple[str, ...]] = {
-    "cpu": ("vmap+native", "vmap_autograd+native", "loop_autograd+native"),
+    "cpu": ("vmap+native", "vmap_autograd+native", "loop_autograd+native", "loop_threads+native"),
     "cuda": ("vmap+native", "vmap_autograd+native", "loop_autograd+native"),
 }
 
@@ -170,8 +213,8 @@ class AutoDriver:
     """Picks the fastest exact strategy per setting by timing each candidate on the first batch.
 
     Candidates (:data:`AUTO_CANDIDATES`) are the vmap driver, the functorch-example shape (vmap forward,
-    autograd backward) and the learn2learn shape (loop, autograd backward per task); they compute the
-    same numbers up to rounding, so the choice changes speed only.
+    autograd backward), the learn2learn shape (loop, autograd backward per task) and, on a CPU, that loop on
+    several threads; they compute the same numbers up to rounding, so the choice changes speed only.
     Each candidate runs once to warm up, then ``timed_rounds`` times, interleaved; the fastest single time
     wins. The choice is cached per setting (task shapes, dtype, device, chunk size, inner steps, rule), like
     ``cudnn.benchmark``; ``choices`` records it so runs can log what ran.
@@ -233,6 +276,7 @@ DRIVERS: dict[str, Callable[..., TaskBatchResult]] = {
     "loop": loop_driver,
     "vmap_autograd": vmap_autograd_driver,
     "loop_autograd": loop_autograd_driver,
+    "loop_threads": threaded_loop_driver,
 }
 #: Drivers that may run the per-task function under ``torch.vmap``.
 VECTORIZED_DRIVERS = ("vmap", "vmap_autograd", "auto")

@@ -34,7 +34,7 @@ def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
     learner = make_learner(kind, norm, steps, first_order)
     loop = learner.meta_gradient(tasks, driver="loop")
     runs = [("vmap", None, "native"), ("vmap", 3, "native"), ("vmap", None, "unfold"), ("auto", None, "context"),
-            ("vmap_autograd", None, "native"), ("loop_autograd", None, "native")]
+            ("vmap_autograd", None, "native"), ("loop_autograd", None, "native"), ("loop_threads", None, "native")]
     for driver, chunk_size, conv_impl in runs:
         set_conv_impl(learner.model, conv_impl)
         vm = learner.meta_gradient(tasks, driver=driver, chunk_size=chunk_size)
@@ -90,7 +90,7 @@ def test_matches_learn2learn(tasks, first_order):
     assert relative_error(ours.grads, dict(zip(names, grads))) < TOL
 
 
-@pytest.mark.parametrize("driver", ["vmap", "loop", "vmap_autograd", "loop_autograd", "auto"])
+@pytest.mark.parametrize("driver", ["vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads", "auto"])
 @pytest.mark.parametrize("steps", [1, 5])
 def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver, steps):
     result = make_learner("conv4", "task_bn", steps, first_order=False).meta_gradient(tasks, driver=driver)

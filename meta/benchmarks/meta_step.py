@@ -164,6 +164,7 @@ def candidates(model: nn.Module, s: Setting, tasks: Tasks, with_l2l: bool = True
         "loop": ours(model, s, tasks, "loop"),
         "vmap_autograd": ours(model, s, tasks, "vmap_autograd"),
         "loop_autograd": ours(model, s, tasks, "loop_autograd"),
+        "loop_threads": ours(model, s, tasks, "loop_threads"),
         "functorch": functorch_example(model, s, tasks),
     }
     if tasks[0].is_cuda:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable
 
 import torch
@@ -22,10 +24,19 @@ def buffers_of(model: nn.Module) -> Params:
 
 
 def functional_forward(model: nn.Module) -> Callable[[Params, Params, torch.Tensor], torch.Tensor]:
-    """Return ``forward(params, buffers, x)``, a pure function of its arguments."""
+    """Return ``forward(params, buffers, x)``, a pure function of its arguments.
+
+    Thread-safe: ``functional_call`` swaps tensors into the module while it runs, so a thread other than the one
+    that built this function calls its own copy of the module (made on its first call)."""
+    owner, local = threading.get_ident(), threading.local()
 
     def forward(params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (params, buffers), (x,))
+        module = model
+        if threading.get_ident() != owner:
+            if not hasattr(local, "module"):
+                local.module = copy.deepcopy(model)
+            module = local.module
+        return functional_call(module, (params, buffers), (x,))
 
     return forward
 

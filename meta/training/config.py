@@ -123,7 +123,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64
     # auto: the fastest exact driver for the setting, timed on the first batch (recorded in checkpoints);
-    # vmap | loop | vmap_autograd | loop_autograd pin one (all agree to rounding; tests check 1e-10 in float64)
+    # vmap | loop | vmap_autograd | loop_autograd | loop_threads pin one (all agree to rounding; tests: 1e-10, float64)
     driver: str = "auto"
     out_dir: str | None = None  # null: runs/<preset>-seed<seed>
     resume: bool = False
@@ -145,7 +145,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "float64"),
-    "driver": ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd"),
+    "driver": ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads"),
     "data.dataset": ("omniglot", "mnist", "synthetic"),
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
