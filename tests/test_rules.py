@@ -60,6 +60,10 @@ def test_every_registered_rule_agrees_under_vmap_and_loop(name, tasks):
     vm = learner.meta_gradient(tasks, driver="vmap")
     assert_same(vm, loop)
     assert relative_error(vm.adapted, loop.adapted) < TOL
+    for driver in ("vmap_autograd", "loop_autograd", "loop_threads"):  # autograd inner gradients, threads
+        other = learner.meta_gradient(tasks, driver=driver)
+        assert_same(other, loop)
+        assert relative_error(other.adapted, loop.adapted) < TOL
     assert set(vm.rule_grads) == {k.replace("__", ".") for k in learner.rule_params}
     assert float(global_norm(vm.grads)) > 1e-8
     if vm.rule_grads:  # the rule's own parameters really are trained
