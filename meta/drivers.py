@@ -147,45 +147,54 @@ def loop_autograd_driver(
     return TaskBatchResult(torch.stack(losses), torch.stack(accuracies), g_params, g_rule, _stack(adapted))
 
 
-def threaded_loop_driver(
-    task_fn: TaskFn,
-    params: Params,
-    rule_params: Params,
-    buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
-    chunk_size: int | None = None,
-    workers: int | None = None,
-) -> TaskBatchResult:
-    """:func:`loop_autograd_driver` on ``workers`` threads (default: torch's intra-op thread count), each
-    running its share of the tasks with single-threaded kernels. PyTorch kernels and autograd release the GIL,
-    so tasks run in parallel; on a CPU this beats splitting each small convolution across threads.
-    Memory: the graphs of ``workers`` tasks at once."""
-    num_tasks = len(tasks[0])
-    workers = max(1, min(workers or torch.get_num_threads(), num_tasks))
-    shares = [torch.arange(num_tasks)[w::workers] for w in range(workers)]  # task i goes to worker i % workers
+def threaded(driver: Callable[..., TaskBatchResult], name: str) -> Callable[..., TaskBatchResult]:
+    """``driver`` on ``workers`` threads (default: torch's intra-op thread count), each running its share of
+    the tasks with single-threaded kernels. PyTorch kernels and autograd release the GIL, so the shares run in
+    parallel; on a CPU this beats splitting each small kernel across threads. Memory: that of ``workers``
+    shares at once (``chunk_size`` applies within each share)."""
 
-    def run(share: torch.Tensor) -> TaskBatchResult:
-        return loop_autograd_driver(task_fn, params, rule_params, buffers, tuple(t[share] for t in tasks))
+    def threaded_driver(
+        task_fn: TaskFn,
+        params: Params,
+        rule_params: Params,
+        buffers: Params,
+        tasks: tuple[torch.Tensor, ...],
+        chunk_size: int | None = None,
+        workers: int | None = None,
+    ) -> TaskBatchResult:
+        num_tasks = len(tasks[0])
+        workers = max(1, min(workers or torch.get_num_threads(), num_tasks))
+        shares = [torch.arange(num_tasks)[w::workers] for w in range(workers)]  # task i goes to worker i % workers
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # new threads take this count; restored below
-    try:
-        with ThreadPoolExecutor(workers) as pool:  # each call copies the caller's context (the conv impl choice)
-            parts = list(pool.map(lambda share: contextvars.copy_context().run(run, share), shares))
-    finally:
-        torch.set_num_threads(threads)
-    order = torch.cat(shares).argsort()  # back to task order
+        def run(share: torch.Tensor) -> TaskBatchResult:
+            return driver(task_fn, params, rule_params, buffers, tuple(t[share] for t in tasks), chunk_size)
 
-    def weighted_sum(trees: list[Params]) -> Params:  # each part holds the mean over its own share
-        return {k: sum(len(sh) / num_tasks * tree[k] for sh, tree in zip(shares, trees)) for k in trees[0]}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # new threads take this count; restored below
+        try:
+            with ThreadPoolExecutor(workers) as pool:  # each call copies the caller's context (the conv impl)
+                parts = list(pool.map(lambda share: contextvars.copy_context().run(run, share), shares))
+        finally:
+            torch.set_num_threads(threads)
+        order = torch.cat(shares).argsort()  # back to task order
 
-    return TaskBatchResult(
-        torch.cat([p.loss for p in parts])[order],
-        torch.cat([p.accuracy for p in parts])[order],
-        weighted_sum([p.grads for p in parts]),
-        weighted_sum([p.rule_grads for p in parts]),
-        {k: torch.cat([p.adapted[k] for p in parts])[order] for k in parts[0].adapted},
-    )
+        def weighted_sum(trees: list[Params]) -> Params:  # each part holds the mean over its own share
+            return {k: sum(len(sh) / num_tasks * tree[k] for sh, tree in zip(shares, trees)) for k in trees[0]}
+
+        return TaskBatchResult(
+            torch.cat([p.loss for p in parts])[order],
+            torch.cat([p.accuracy for p in parts])[order],
+            weighted_sum([p.grads for p in parts]),
+            weighted_sum([p.rule_grads for p in parts]),
+            {k: torch.cat([p.adapted[k] for p in parts])[order] for k in parts[0].adapted},
+        )
+
+    threaded_driver.__name__ = threaded_driver.__qualname__ = name
+    threaded_driver.__doc__ = f"``{driver.__name__}`` on several threads (see :func:`threaded`)."
+    return threaded_driver
+
+
+threaded_loop_driver = threaded(loop_autograd_driver, "threaded_loop_driver")
 
 
 def vmap_forward(
