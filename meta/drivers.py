@@ -225,12 +225,14 @@ class AutoDriver:
     autograd backward), the learn2learn shape (loop, autograd backward per task) and, on a CPU, that loop on
     several threads; they compute the same numbers up to rounding, so the choice changes speed only.
     Each candidate runs once to warm up, then ``timed_rounds`` times, interleaved; the fastest single time
-    wins. The choice is cached per setting (task shapes, dtype, device, chunk size, inner steps, rule), like
+    wins. Candidates whose warm-up took over ``prune_factor`` times the fastest warm-up are not timed again.
+    The choice is cached per setting (task shapes, dtype, device, chunk size, inner steps, rule), like
     ``cudnn.benchmark``; ``choices`` records it so runs can log what ran.
     """
 
-    def __init__(self, timed_rounds: int = 2) -> None:
+    def __init__(self, timed_rounds: int = 2, prune_factor: float = 3.0) -> None:
         self.timed_rounds = timed_rounds
+        self.prune_factor = prune_factor
         self.choices: dict[tuple, str] = {}
 
     @staticmethod
@@ -263,7 +265,8 @@ class AutoDriver:
         candidates = AUTO_CANDIDATES.get(device.type, AUTO_CANDIDATES["cuda"])
         if chunk_size is not None:  # bounded memory was asked for: vmap_autograd keeps every chunk's graph
             candidates = tuple(c for c in candidates if not c.startswith("vmap_autograd"))
-        timings: dict[str, float] = {c: float("inf") for c in candidates}
+        warmup: dict[str, float] = {}
+        timings: dict[str, float] = {}
         results = {}
         for round_ in range(1 + self.timed_rounds):  # a warm-up round, then interleaved timed rounds
             for candidate in candidates:
@@ -273,8 +276,14 @@ class AutoDriver:
                 results[candidate] = self._run(candidate, *args)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                if round_ > 0:
-                    timings[candidate] = min(timings[candidate], time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                if round_ == 0:
+                    warmup[candidate] = elapsed
+                else:
+                    timings[candidate] = min(timings.get(candidate, elapsed), elapsed)
+            if round_ == 0:  # candidates far behind already are not timed again (saves minutes on big settings)
+                fastest = min(warmup.values())
+                candidates = tuple(c for c in candidates if warmup[c] <= self.prune_factor * fastest)
         self.choices[key] = min(timings, key=timings.get)
         return results[self.choices[key]]
 

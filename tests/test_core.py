@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,3 +171,19 @@ def test_auto_driver_caches_its_choice_and_respects_chunk_size(tasks):
     assert len(learner.auto_driver.choices) == 2
     chunked_choice = [v for k, v in learner.auto_driver.choices.items() if k[3] == 2][0]
     assert not chunked_choice.startswith("vmap_autograd")  # it would not bound memory
+
+
+def test_auto_driver_stops_timing_candidates_far_behind(tasks, monkeypatch):
+    calls = []
+
+    def slow_loop(*args):
+        calls.append(1)
+        time.sleep(1.0)  # far behind the vmap driver on this tiny setting
+        return meta.drivers.loop_driver(*args)
+
+    monkeypatch.setitem(meta.drivers.DRIVERS, "slow_loop", slow_loop)
+    monkeypatch.setitem(meta.drivers.AUTO_CANDIDATES, "cpu", ("vmap+native", "slow_loop+native"))
+    learner = make_learner("mlp", "task_bn", 1, first_order=False)
+    learner.meta_gradient(tasks, driver="auto")
+    assert list(learner.auto_driver.choices.values()) == ["vmap+native"]
+    assert len(calls) == 1  # its warm-up run only: not in the timed rounds
