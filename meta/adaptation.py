@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad
 
+from meta.models.functional import autograd_grads
 from meta.rules.base import InnerRule
 
 Params = dict[str, torch.Tensor]
@@ -29,11 +30,6 @@ def autograd_inner_gradients() -> Iterator[None]:
         yield
     finally:
         _AUTOGRAD_INNER.reset(token)
-
-
-def _autograd_grad(loss: torch.Tensor, fast: Params, create_graph: bool) -> Params:
-    grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph, allow_unused=True)
-    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(fast.items(), grads)}
 
 
 def adapt_steps(
@@ -66,7 +62,7 @@ def adapt_steps(
         if rule.per_sample:
             grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi)), in_dims=(None, 0, 0))(fast, x, y)
         elif _AUTOGRAD_INNER.get():
-            grads = _autograd_grad(support_loss(fast, i, x, y), fast, create_graph=not rule.first_order)
+            (grads,) = autograd_grads(support_loss(fast, i, x, y), (fast,), create_graph=not rule.first_order)
         else:
             grads = grad(support_loss)(fast, i, x, y)
         fast, state = rule.step(fast, grads, state, rule_params, i)

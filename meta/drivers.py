@@ -18,7 +18,7 @@ import torch
 from torch.func import grad_and_value
 
 from meta.adaptation import autograd_inner_gradients
-from meta.models.functional import detached
+from meta.models.functional import autograd_grads, detached
 from meta.models.networks import conv_impl
 
 Params = dict[str, torch.Tensor]
@@ -91,18 +91,6 @@ def _leaves(tree: Params) -> Params:
     return {k: v.detach().requires_grad_(True) for k, v in tree.items()}
 
 
-def _autograd(loss: torch.Tensor, trees: tuple[Params, Params]) -> tuple[Params, Params]:
-    """``d loss / d trees`` with plain autograd; parameters the loss does not touch get zeros."""
-    flat = [v for tree in trees for v in tree.values()]
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(flat, grads)]
-    out, start = [], 0
-    for tree in trees:
-        out.append(dict(zip(tree, grads[start : start + len(tree)])))
-        start += len(tree)
-    return out[0], out[1]
-
-
 def vmap_autograd_driver(
     task_fn: TaskFn,
     params: Params,
@@ -118,7 +106,7 @@ def vmap_autograd_driver(
     with torch.enable_grad():
         per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
         loss, (accuracy, adapted) = per_task(leaves, rule_leaves, buffers, *tasks)
-        g_params, g_rule = _autograd(loss.mean(), (leaves, rule_leaves))
+        g_params, g_rule = autograd_grads(loss.mean(), (leaves, rule_leaves))
     return TaskBatchResult(loss.detach(), accuracy.detach(), g_params, g_rule, detached(adapted))
 
 
@@ -138,7 +126,7 @@ def loop_autograd_driver(
     for i in range(num_tasks):
         with torch.enable_grad(), autograd_inner_gradients():
             loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, *(t[i] for t in tasks))
-            gp, gr = _autograd(loss / num_tasks, (leaves, rule_leaves))
+            gp, gr = autograd_grads(loss / num_tasks, (leaves, rule_leaves))
         g_params = gp if g_params is None else {k: g_params[k] + gp[k] for k in gp}
         g_rule = gr if g_rule is None else {k: g_rule[k] + gr[k] for k in gr}
         losses.append(loss.detach())

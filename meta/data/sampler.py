@@ -99,9 +99,12 @@ class TaskSampler:
         self.device = torch.device(device)
         self.pool = pool.to(self.device)
         self._flat_images = rearrange(self.pool.images, "c d h w -> (c d) h w").contiguous()
-        # uint8 -> [0, 1] through a table computed on the CPU: CUDA divides by a scalar as a multiplication by
-        # its reciprocal, which can differ from the CPU's division in the last bit; a table is the same everywhere
-        self._pixel_value = (torch.arange(256, dtype=torch.float32) / 255.0).to(self.device)
+        # uint8 -> [0, 1] as the CPU divides, on every device: CUDA divides by a scalar as a multiplication by its
+        # reciprocal, which can differ in the last bit, so other devices look the CPU's quotients up in a table
+        # (on the CPU, the division itself is 7x faster than the lookup)
+        self._pixel_value = (
+            None if self.device.type == "cpu" else (torch.arange(256, dtype=torch.float32) / 255.0).to(self.device)
+        )
         self._uniform = bool((pool.counts == pool.max_drawings).all())
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
 
@@ -155,7 +158,8 @@ class TaskSampler:
             # before shuffling, position p of the "(n k)" layout holds label p // per_class
             r = rearrange(r, "t n k -> t (n k)").gather(1, order)
             x = self._flat_images.index_select(0, r.reshape(-1))
-            x = self._pixel_value[rearrange(x, "(t m) h w -> t m 1 h w", t=t).long()]
+            x = rearrange(x, "(t m) h w -> t m 1 h w", t=t)
+            x = x.float().div_(255.0) if self._pixel_value is None else self._pixel_value[x.long()]
             return x, torch.div(order, per_class, rounding_mode="floor")
 
         sx, sy = part(rows[:, :, :k], k, idx.support_order)

@@ -41,6 +41,15 @@ def functional_forward(model: nn.Module) -> Callable[[Params, Params, torch.Tens
     return forward
 
 
+def autograd_grads(loss: torch.Tensor, trees: tuple[Params, ...], create_graph: bool = False) -> tuple[Params, ...]:
+    """``d loss / d tree`` for each tree, with plain ``torch.autograd.grad``; tensors the loss does not touch
+    get zeros."""
+    flat = [v for tree in trees for v in tree.values()]
+    grads = torch.autograd.grad(loss, flat, create_graph=create_graph, allow_unused=True)
+    filled = iter([torch.zeros_like(v) if g is None else g for v, g in zip(flat, grads)])
+    return tuple({k: next(filled) for k in tree} for tree in trees)
+
+
 def detached(tree: Params) -> Params:
     """A copy of a tensor dict cut from every autograd graph (and torch.func level)."""
     return {k: v.detach() for k, v in tree.items()}
