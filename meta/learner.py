@@ -116,11 +116,15 @@ class MetaLearner(nn.Module):
         return run(task_fn, params, rule_params, buffers, tuple(tasks), chunk_size)
 
     def write_grads(self, result: TaskBatchResult) -> None:
-        """Store a result's meta-gradients in ``.grad`` of the model and rule parameters."""
-        for name, p in self.model.named_parameters():
-            p.grad = result.grads[name].detach().clone()
-        for key, p in self.rule_params.items():
-            p.grad = result.rule_grads[_from_key(key)].detach().clone()
+        """Store a result's meta-gradients in ``.grad`` of the model and rule parameters (copied into the
+        existing ``.grad`` tensors where there are some, so that their buffers stay put, as CUDA graphs need)."""
+        grads = [(p, result.grads[name]) for name, p in self.model.named_parameters()]
+        grads += [(p, result.rule_grads[_from_key(key)]) for key, p in self.rule_params.items()]
+        for p, g in grads:
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.copy_(g)
 
     @torch.no_grad()
     def evaluate(

@@ -2,10 +2,11 @@
 # Every GPU check in one short run, for a machine with one CUDA GPU (run from the repository root):
 #   1. the CUDA tests (tests/test_cuda.py and the CUDA sampler test),
 #   2. the benchmark suite on the GPU (meta-step grid against learn2learn, per-sample gradients, memory),
-#   3. a short MAML Omniglot 5w1s training run on the paper preset, whose step time gives the
-#      extrapolated time of the paper's 60,000 iterations.
+#   3. short MAML Omniglot 5w1s training runs on the paper preset, with the meta-step replayed as a CUDA graph
+#      (train.cuda_graph=true) and eager, whose step times give the extrapolated time of the paper's 60,000
+#      iterations.
 # Results go under $OUT (default gpu_out/): log.txt, pytest.txt, bench/results.{json,md}, bench/meta_step.png,
-# train.tar.gz. Each stage has its own time limit, so one slow stage cannot eat the others' time.
+# train-cuda_graph.tar.gz, train-eager.tar.gz. Each stage has its own time limit, so one slow stage cannot eat the others' time.
 #
 # Optional inputs (for a machine without internet and without this project installed; made here by
 # scripts/prepare_gpu_bundle.sh):
@@ -42,17 +43,24 @@ timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/tes
 stage "benchmark"
 # The per-task loops (loop, loop_autograd) take 0.1-2.6 s per meta-step on a GPU, 1.1-1.6x learn2learn's time
 # (experiments/benchmarks/h100); leaving them out lets the whole grid fit in a few minutes (set DRIVERS= for all).
+# BENCH_ARGS adds flags, e.g. --only "q15 T16 5step" --skip-memory.
 timeout "${BENCH_SECONDS:-240}" "$PY" scripts/benchmark.py --device cuda --repeats 3 --out "$OUT/bench" \
-    --drivers "${DRIVERS-auto,vmap,vmap_autograd,functorch,vmap+cudagraph,learn2learn}" \
+    --drivers "${DRIVERS-auto,vmap,vmap_autograd,functorch,vmap+cudagraph,learn2learn}" ${BENCH_ARGS:-} \
     2>&1 | tee -a "$LOG"
 
-stage "training: MAML Omniglot 5w1s, paper preset, first iterations"
-RUN=/tmp/gpu-train-run
-rm -rf "$RUN"
-timeout -s INT "${TRAIN_SECONDS:-100}" "$PY" scripts/train_maml.py preset=maml_omniglot_5w1s device=cuda \
-    train.iterations="${TRAIN_ITERATIONS:-3000}" train.val_every=1000 train.checkpoint_every=1000 \
-    out_dir="$RUN" 2>&1 | tr '\r' '\n' | grep -vP '^\s*\d+%\|' | tee -a "$LOG"
-tail -n 3 "$RUN/metrics.jsonl" 2>/dev/null | tee -a "$LOG"
-tar czf "$OUT/train.tar.gz" -C "$RUN" --exclude='*.pt' . 2>/dev/null
+train() {  # train NAME SECONDS ITERATIONS [key=value ...]: a paper-preset run, its log lines and files
+    local name=$1 seconds=$2 iterations=$3 run=/tmp/gpu-train-$1
+    shift 3
+    stage "training ($name): MAML Omniglot 5w1s, paper preset, $iterations iterations $*"
+    rm -rf "$run"
+    timeout -s INT "$seconds" "$PY" scripts/train_maml.py preset=maml_omniglot_5w1s device=cuda \
+        train.iterations="$iterations" train.val_every=1000 train.checkpoint_every=1000 out_dir="$run" "$@" \
+        2>&1 | tr '\r' '\n' | grep -vP '^\s*\d+%\|' | tee -a "$LOG"
+    tail -n 3 "$run/metrics.jsonl" 2>/dev/null | tee -a "$LOG"
+    tar czf "$OUT/train-$name.tar.gz" -C "$run" --exclude='*.pt' . 2>/dev/null
+}
+# the meta-step replayed as a CUDA graph, then the eager step for the same-machine ratio of steps per second
+train cuda_graph "${TRAIN_SECONDS:-100}" "${TRAIN_ITERATIONS:-3000}" train.cuda_graph=true
+train eager "${EAGER_SECONDS:-60}" "${EAGER_ITERATIONS:-1000}"
 
 stage "done"

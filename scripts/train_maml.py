@@ -32,6 +32,7 @@ from meta.training.builders import (
     test_inner_steps,
 )
 from meta.training.config import ConfigError, load_config
+from meta.training.cuda_graph import GraphedMetaStep
 from meta.training.run_log import (
     MetricsLog,
     atomic_write_text,
@@ -49,6 +50,9 @@ try:
     cfg = load_config(sys.argv[1:], preset=DEFAULT_PRESET)
 except ConfigError as error:
     sys.exit(f"config error: {error}")
+device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+if cfg.train.cuda_graph and device.type != "cuda":
+    sys.exit(f"config error: train.cuda_graph=true needs a CUDA device, and device={cfg.device} resolved to {device}")
 out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")
 ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
 if ckpt_path.exists() and not cfg.resume:
@@ -56,7 +60,6 @@ if ckpt_path.exists() and not cfg.resume:
 if cfg.resume and not ckpt_path.exists():
     sys.exit(f"resume=true, but there is no checkpoint at {ckpt_path}")
 out_dir.mkdir(parents=True, exist_ok=True)
-device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 print(f"preset {cfg.preset} | device {device_name(device)} | dtype {cfg.dtype} | driver {cfg.driver}")
 print(f"writing to {out_dir.resolve()}")
 
@@ -88,7 +91,8 @@ atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 def checkpoint() -> None:
     save_checkpoint(ckpt_path, {
         "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(), "step": step, "best": best, "window": window,
+        "generator": generator.get_state(), "step": step, "best": best,
+        "window": {"loss": float(window["loss"]), "accuracy": float(window["accuracy"]), "count": window["count"]},
         "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices,
     })
 
@@ -110,28 +114,40 @@ def request_stop(signum, frame) -> None:  # Ctrl-C: finish this step, save a che
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
 
+def meta_step(tasks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step: the meta-gradient of a batch of tasks, then the outer optimizer's step."""
+    result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
+    optimizer.zero_grad(set_to_none=True)
+    learner.write_grads(result)
+    optimizer.step()
+    return result.loss, result.accuracy
+
+
+if cfg.train.cuda_graph:  # the same step, replayed as a captured CUDA graph
+    try:
+        meta_step = GraphedMetaStep(learner, optimizer, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
+    except ValueError as error:
+        sys.exit(f"config error: train.cuda_graph=true: {error}")
+
 stop_requested: list[int] = []
 signal.signal(signal.SIGINT, request_stop)
 while step < cfg.train.iterations and not stop_requested:
     apply_schedules(cfg, learner, optimizer, step)  # meta-lr schedule and learner.set_iteration
     batch = samplers["train"].sample(cfg.train.meta_batch, generator)
-    tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
-    result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
+    loss, accuracy = meta_step((batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y))
     if cfg.driver == "auto" and step == 0 and learner.auto_driver.choices:
         bar.write(f"driver auto chose: {', '.join(learner.auto_driver.choices.values())}")
-    optimizer.zero_grad(set_to_none=True)
-    learner.write_grads(result)
-    optimizer.step()
     step += 1
-    window = {"loss": window["loss"] + result.loss.mean().item(),
-              "accuracy": window["accuracy"] + result.accuracy.mean().item() * 100, "count": window["count"] + 1}
+    # sums stay on the device between log lines: no synchronization in every step
+    window = {"loss": window["loss"] + loss.mean().double(),
+              "accuracy": window["accuracy"] + accuracy.mean().double() * 100, "count": window["count"] + 1}
     bar.update(1)
 
     if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
         now = time.perf_counter()
         train_seconds += now - tick
-        record = {"step": step, "split": "train", "loss": window["loss"] / window["count"],
-                  "accuracy": window["accuracy"] / window["count"],
+        record = {"step": step, "split": "train", "loss": float(window["loss"]) / window["count"],
+                  "accuracy": float(window["accuracy"]) / window["count"],
                   "its_per_s": window["count"] / max(now - tick, 1e-9)}
         metrics.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}%")

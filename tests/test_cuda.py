@@ -84,28 +84,73 @@ def test_float32_meta_gradient_without_tf32_is_close_to_float64():
     assert float32_meta_gradient_error(allow_tf32=False) < 1e-4
 
 
-def test_cuda_graph_meta_step_matches_eager_steps():
-    from meta.benchmarks.meta_step import Setting, ours_cuda_graph, random_tasks
+def float32_tasks(seed: int):
+    return tuple(t.to(DEVICE) for t in random_tasks(tasks=4, ways=5, shots=1, queries=2, seed=seed,
+                                                      dtype=torch.float32))
 
-    setting = Setting(5, 1, 1, 4, 1, False)
+
+def _eager_and_graphed(make_learner, driver: str, warmup_steps: int = 1):
+    from meta.training.cuda_graph import GraphedMetaStep
+
+    eager, graphed_learner = make_learner(), make_learner()
+    eager_opt = torch.optim.Adam(eager.parameters(), lr=1e-3)
+    graphed_opt = torch.optim.Adam(graphed_learner.parameters(), lr=torch.tensor(1e-3, device=DEVICE),
+                                   capturable=True)
+    return eager, eager_opt, graphed_learner, graphed_opt, GraphedMetaStep(
+        graphed_learner, graphed_opt, driver=driver, warmup_steps=warmup_steps)
+
+
+@pytest.mark.parametrize("driver", ["vmap", "vmap_autograd", "auto"])
+def test_cuda_graph_training_steps_match_eager_steps(driver):
+    """Graphed steps (eager warm-up, capture, replays on new tasks, a changing learning rate) take the same
+    training trajectory as eager steps."""
     model = meta.build_model("conv4", ways=5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    batches = [random_tasks(setting, torch.device(DEVICE), torch.Generator().manual_seed(i)) for i in range(3)]
-    learner = meta.MetaLearner(copy.deepcopy(model), meta.sgd(lr=setting.lr), inner_steps=1)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-
-    def eager_step(batch) -> None:
-        result = learner.meta_gradient(batch, driver="vmap")
-        optimizer.zero_grad(set_to_none=True)
-        learner.write_grads(result)
-        optimizer.step()
-
+    batches = [float32_tasks(seed=i) for i in range(5)]
+    eager, eager_opt, graphed_learner, graphed_opt, graphed = _eager_and_graphed(
+        lambda: meta.MetaLearner(copy.deepcopy(model), meta.sgd(lr=0.4), inner_steps=1), driver)
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False, allow_tf32=False):
-        graphed = ours_cuda_graph(model, setting, batches[0])  # three eager warm-up steps on batches[0], then capture
-        for _ in range(3):
-            eager_step(batches[0])
-        for batch in batches:
-            graphed(batch)
-            eager_step(batch)
-    moved = relative_error(dict(learner.named_parameters()), dict(model.named_parameters()))
-    assert moved > 1e-4  # six Adam steps really changed the weights
-    assert relative_error(dict(graphed.learner.named_parameters()), dict(learner.named_parameters())) < 1e-5
+        for i, batch in enumerate(batches):
+            lr = 1e-3 * (1 - i / 10)  # a schedule: the graphed optimizer's lr tensor is filled in place
+            eager_opt.param_groups[0]["lr"] = lr
+            graphed_opt.param_groups[0]["lr"].fill_(lr)
+            result = eager.meta_gradient(batch, driver=driver)
+            eager_opt.zero_grad(set_to_none=True)
+            eager.write_grads(result)
+            eager_opt.step()
+            loss, accuracy = graphed(batch)
+            assert torch.allclose(loss, result.loss, rtol=1e-5), i
+            assert torch.equal(accuracy, result.accuracy), i
+    assert len(graphed.graphs) == 1  # captured once, replayed on the later batches
+    moved = relative_error(dict(eager.named_parameters()), dict(model.named_parameters()))
+    assert moved > 1e-4  # five Adam steps really changed the weights
+    assert relative_error(dict(graphed_learner.named_parameters()), dict(eager.named_parameters())) < 1e-5
+
+
+def test_cuda_graph_follows_mamlpp_schedules():
+    """MAML++'s derivative-order annealing and multi-step-loss switch change the work: each change gets its own
+    graph, and the step weights (new values every iteration) reach the replayed graph."""
+    from meta.algorithms import MAMLPlusPlus
+
+    model = meta.build_model("conv4", ways=5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    total = 7
+
+    def make():
+        learner = MAMLPlusPlus(copy.deepcopy(model), meta.build_rule("mamlpp", lr=0.4, steps=2, lslr=True),
+                               inner_steps=2, msl_iterations=4, first_order_iterations=2)
+        return learner.to(DEVICE)
+
+    eager, eager_opt, graphed_learner, graphed_opt, graphed = _eager_and_graphed(make, "vmap")
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False, allow_tf32=False):
+        for i in range(total):
+            batch = float32_tasks(seed=i)
+            for learner in (eager, graphed_learner):
+                learner.set_iteration(i, total)
+            result = eager.meta_gradient(batch, driver="vmap")
+            eager_opt.zero_grad(set_to_none=True)
+            eager.write_grads(result)
+            eager_opt.step()
+            loss, _ = graphed(batch)
+            assert torch.allclose(loss, result.loss, rtol=1e-5), i
+    # first order + MSL (steps 0-1), second order + MSL (2-3), second order, last step only (4-6)
+    assert len(graphed.graphs) == 3
+    assert relative_error(dict(graphed_learner.named_parameters()), dict(eager.named_parameters())) < 1e-5

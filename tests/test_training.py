@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import meta
 from meta.evaluation import mean_ci95
 from meta.training.config import ConfigError, available_presets, load_config
 from tests.helpers import has_omniglot
@@ -139,6 +140,27 @@ def test_config_errors_name_the_key():
         load_config(["seed"])
     proc = run_cli("train_maml.py", "model.nam=conv4", check=False)
     assert proc.returncode != 0 and "model.nam" in proc.stderr
+
+
+def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
+    with pytest.raises(ConfigError, match="needs device=cuda"):
+        load_config(["train.cuda_graph=true", "device=cpu"])
+    for bad in ("algorithm=reptile", "train.optimizer=sgd", "driver=loop_threads"):
+        with pytest.raises(ConfigError, match="train.cuda_graph=true supports"):
+            load_config(["train.cuda_graph=true", "device=cuda", bad])
+    assert load_config(["train.cuda_graph=true", "device=cuda", "algorithm=mamlpp"]).train.cuda_graph
+    # the library class checks what the config cannot know: where the learner is, and the optimizer
+    from meta.training.cuda_graph import GraphedMetaStep
+
+    learner = meta.MetaLearner(meta.build_model("conv4", ways=5, generator=torch.Generator().manual_seed(0)),
+                               meta.sgd(lr=0.4), inner_steps=1)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedMetaStep(learner, torch.optim.Adam(learner.parameters(), capturable=True))
+    if not torch.cuda.is_available():  # device=auto on a machine without CUDA: a clear exit, nothing written
+        out = tmp_path / "run"
+        proc = run_cli("train_maml.py", *TINY, "train.cuda_graph=true", "device=auto", f"out_dir={out}", check=False)
+        assert proc.returncode != 0 and "train.cuda_graph=true needs a CUDA device" in proc.stderr
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("preset", available_presets())

@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 import meta
 from meta.models import set_conv_impl
+from meta.training.cuda_graph import GraphedMetaStep
 
 Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -76,36 +77,19 @@ def ours(model: nn.Module, s: Setting, tasks: Tasks, driver: str, conv_impl: str
 
 
 def ours_cuda_graph(model: nn.Module, s: Setting, tasks: Tasks, driver: str = "vmap") -> Callable[[], None]:
-    """``ours`` with the whole meta-step (inner loop, meta-gradient, Adam) captured once as a CUDA graph and
-    replayed: the same kernels on the same buffers, without the Python and launch overhead. Before each replay,
-    ``tasks`` (or the tasks passed to the returned function) are copied into the captured input buffers."""
-    model = copy.deepcopy(model)
-    learner = meta.MetaLearner(model, meta.sgd(lr=s.lr, first_order=s.first_order), inner_steps=s.steps)
-    for p in learner.parameters():
-        p.grad = torch.zeros_like(p)  # gradients live in fixed buffers that the graph overwrites
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3, capturable=True)
-    static = tuple(t.clone() for t in tasks)
-
-    def step_body() -> None:
-        result = learner.meta_gradient(static, driver=driver)
-        for name, p in learner.model.named_parameters():
-            p.grad.copy_(result.grads[name])
-        optimizer.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the graph (cuDNN algorithm choice, Adam's lazy state)
-            step_body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step_body()
+    """``ours`` with the whole meta-step (inner loop, meta-gradient, Adam) replayed as a CUDA graph
+    (:class:`meta.training.cuda_graph.GraphedMetaStep`, what ``train.cuda_graph=true`` runs). The graph is
+    captured here, after the warm-up steps; ``step(new_tasks)`` copies other tasks into its input buffers."""
+    learner = meta.MetaLearner(copy.deepcopy(model), meta.sgd(lr=s.lr, first_order=s.first_order),
+                               inner_steps=s.steps)
+    lr = torch.tensor(1e-3, device=tasks[0].device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=lr, capturable=True)
+    graphed = GraphedMetaStep(learner, optimizer, driver=driver)
+    for _ in range(graphed.warmup_steps + 1):  # eager warm-up steps, then the capture
+        graphed(tasks)
 
     def step(new_tasks: Tasks | None = None) -> None:
-        for buffer, t in zip(static, tasks if new_tasks is None else new_tasks):
-            buffer.copy_(t)
-        graph.replay()
+        graphed(tasks if new_tasks is None else new_tasks)
 
     step.learner = learner
     return step

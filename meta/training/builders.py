@@ -103,9 +103,14 @@ def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> 
 
 
 def build_optimizer(cfg: DictConfig, learner: MetaLearner) -> torch.optim.Optimizer:
-    """The outer optimizer over ``learner.parameters()``: Adam (default) or plain SGD (Reptile)."""
+    """The outer optimizer over ``learner.parameters()``: Adam (default) or plain SGD (Reptile).
+    With ``train.cuda_graph``, Adam keeps its state and learning rate in device tensors (``capturable``)."""
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(learner.parameters(), lr=cfg.train.meta_lr)
+    if cfg.train.cuda_graph:
+        device = next(learner.parameters()).device
+        lr = torch.tensor(cfg.train.meta_lr, device=device)
+        return torch.optim.Adam(learner.parameters(), lr=lr, capturable=True)
     return torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
 
 
@@ -123,7 +128,10 @@ def apply_schedules(cfg: DictConfig, learner: MetaLearner, optimizer: torch.opti
     """Before iteration ``step``: set the meta learning rate and the learner's per-iteration schedules.
     Stateless (a function of ``step`` only), so resumed runs follow the same schedule."""
     for group in optimizer.param_groups:
-        group["lr"] = meta_lr_at(cfg, step)
+        if isinstance(group["lr"], torch.Tensor):  # a CUDA graph reads this tensor: change it in place
+            group["lr"].fill_(meta_lr_at(cfg, step))
+        else:
+            group["lr"] = meta_lr_at(cfg, step)
     learner.set_iteration(step, cfg.train.iterations)
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), from meta_lr to min_meta_lr
     min_meta_lr: float = 0.0  # end value of the cosine and linear schedules
     chunk_size: int | None = None  # vmap chunk size (bounds memory); null: all tasks at once
+    # CUDA only: replay each meta-step as a captured CUDA graph (meta/training/cuda_graph.py); same steps, less
+    # launch overhead. algorithm maml or mamlpp, optimizer adam, any driver but loop_threads
+    cuda_graph: bool = False
     log_every: int = 10
     val_every: int = 500
     val_tasks: int = 200
@@ -216,6 +219,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
+    if cfg.train.cuda_graph:
+        if cfg.device == "cpu":
+            raise ConfigError("train.cuda_graph=true needs device=cuda (or auto on a machine with CUDA)")
+        if cfg.algorithm not in ("maml", "mamlpp") or cfg.train.optimizer != "adam" or cfg.driver == "loop_threads":
+            raise ConfigError(f"train.cuda_graph=true supports algorithm maml or mamlpp with train.optimizer=adam "
+                              f"and any driver but loop_threads, not algorithm={cfg.algorithm}, "
+                              f"train.optimizer={cfg.train.optimizer}, driver={cfg.driver}")
     from meta.rules import RULES
 
     if cfg.inner.rule not in RULES:
