@@ -37,15 +37,16 @@ for split in ('train', 'val', 'test'): print(split, len(load_omniglot(None, spli
 } 2>&1 | tee -a "$LOG"
 
 stage "CUDA tests"
-timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_data.py::test_sampler_on_cuda" \
+timeout "${TEST_SECONDS:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_data.py::test_sampler_on_cuda" \
     2>&1 | tee "$OUT/pytest.txt" | tail -n 25 | tee -a "$LOG"
 
 stage "benchmark"
 # The per-task loops (loop, loop_autograd) take 0.1-2.6 s per meta-step on a GPU, 1.1-1.6x learn2learn's time
 # (experiments/benchmarks/h100); leaving them out lets the whole grid fit in a few minutes (set DRIVERS= for all).
-# BENCH_ARGS adds flags, e.g. --only "q15 T16 5step" --skip-memory.
+# BENCH_ONLY picks settings (benchmark.py --only), BENCH_ARGS adds flags (e.g. --skip-memory).
 timeout "${BENCH_SECONDS:-240}" "$PY" scripts/benchmark.py --device cuda --repeats 3 --out "$OUT/bench" \
-    --drivers "${DRIVERS-auto,vmap,vmap_autograd,functorch,vmap+cudagraph,learn2learn}" ${BENCH_ARGS:-} \
+    --drivers "${DRIVERS-auto,vmap,vmap_autograd,functorch,vmap+cudagraph,learn2learn}" \
+    ${BENCH_ONLY:+--only "$BENCH_ONLY"} ${BENCH_ARGS:-} \
     2>&1 | tee -a "$LOG"
 
 train() {  # train NAME SECONDS ITERATIONS [key=value ...]: a paper-preset run, its log lines and files
