@@ -1,0 +1,177 @@
+"""CPU speed probes for issue 6 that did not make it into the library: measured, kept for the record.
+
+    python experiments/benchmarks/cpu/probes/probes.py compile       # torch.compile of the per-task meta-gradient
+    python experiments/benchmarks/cpu/probes/probes.py fused_norm    # task BN as one autograd.Function
+    python experiments/benchmarks/cpu/probes/probes.py layer1_unfold # the 1-channel first conv as unfold + matmul
+
+Each prints medians of interleaved repeats (the first round is a warm-up) and the agreement of the gradients.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import meta
+from meta.benchmarks.meta_step import Setting, ours, random_tasks
+from meta.drivers import DRIVERS
+from meta.models import norms, relative_error
+from meta.models.networks import Conv4, TaskConv2d, initialize
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 6) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: 1000 * statistics.median(v[1:]) for k, v in times.items()}
+
+
+def setup(ways: int, shots: int, tasks: int, steps: int, first_order: bool = False):
+    s = Setting(ways, shots, shots, tasks, steps, first_order)
+    batch = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
+    model = initialize(Conv4(ways), torch.Generator().manual_seed(1))
+    learner = meta.MetaLearner(model, meta.sgd(lr=s.lr, first_order=first_order), inner_steps=steps)
+    return s, batch, model, learner
+
+
+# ---- torch.compile --------------------------------------------------------------------------------
+def probe_compile() -> None:
+    """The functorch-style per-task meta-gradient compiled whole (inner grad and outer grad traced by dynamo),
+    on one thread per task and under vmap, against this library's loop_threads step (5w5s, 32 tasks, 1 step,
+    second order)."""
+    s, batch, model, _ = setup(5, 5, 32, 1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_for_task(p, sx, sy, qx, qy):
+        def loss(q, x, y):
+            return F.cross_entropy(functional_call(model, q, (x,)), y)
+
+        new = p
+        for _ in range(s.steps):
+            g = grad(loss)(new, sx, sy)
+            new = {k: new[k] - s.lr * g[k] for k in new}
+        return loss(new, qx, qy)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    per_task = torch.compile(grad(loss_for_task), fullgraph=True)
+    per_task(params, *(t[0] for t in batch))
+    print(f"compile, per-task function: {time.perf_counter() - start:.0f} s")
+    eager_task = grad(loss_for_task)
+    one = tuple(t[0] for t in batch)
+    print("one task, one thread:", interleaved({"eager (functorch)": lambda: eager_task(params, *one),
+                                                "compiled": lambda: per_task(params, *one)}, rounds=12))
+    torch.set_num_threads(threads)
+
+    def compiled_on_threads():
+        torch.set_num_threads(1)
+
+        def share(indices):
+            return [per_task(params, *(t[i] for t in batch)) for i in indices]
+
+        with ThreadPoolExecutor(threads) as pool:
+            parts = [g for part in pool.map(share, [range(w, s.tasks, threads) for w in range(threads)]) for g in part]
+        torch.set_num_threads(threads)
+        return {k: sum(g[k] for g in parts) / s.tasks for k in parts[0]}
+
+    start = time.perf_counter()
+    batched = torch.compile(grad(lambda p, *t: vmap(loss_for_task, in_dims=(None, 0, 0, 0, 0))(p, *t).mean()),
+                            fullgraph=True)
+    batched(params, *batch)
+    print(f"compile, vmap over tasks: {time.perf_counter() - start:.0f} s")
+    print("gradient agreement (float32, relative):",
+          f"{relative_error(batched(params, *batch), compiled_on_threads()):.1e}")
+    print("32 tasks, torch's thread count:", interleaved({
+        "loop_threads (full meta-step)": ours(model, s, batch, "loop_threads"),
+        "compiled per task on threads": compiled_on_threads,
+        "compiled vmap": lambda: batched(params, *batch)}))
+
+
+# ---- task batch norm as one autograd.Function -----------------------------------------------------
+class _Normalize(torch.autograd.Function):
+    """x -> (x_hat, rstd) per channel, with a backward made of differentiable ops (so second order is exact)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, eps, dims):
+        centered = x - x.mean(dim=dims, keepdim=True)
+        rstd = torch.rsqrt((centered * centered).mean(dim=dims, keepdim=True) + eps)
+        return centered * rstd, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dims = inputs[2]
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_rstd):
+        x_hat, rstd = ctx.saved_tensors
+        proj = (g_xhat * x_hat).mean(dim=ctx.dims, keepdim=True)
+        if g_rstd is not None:  # d rstd / dx = -rstd^2 x_hat / M, M elements per channel
+            proj = proj + g_rstd * rstd * (x_hat.shape[1] / x_hat.numel())
+        return (g_xhat - g_xhat.mean(dim=ctx.dims, keepdim=True) - x_hat * proj) * rstd, None, None
+
+
+def fused_forward(self, x):
+    x_hat, _ = _Normalize.apply(x, self.eps, (0, *range(2, x.dim())))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return x_hat * self.weight.view(shape) + self.bias.view(shape)
+
+
+def probe_fused_norm() -> None:
+    primitives = norms.TaskBatchNorm.forward
+    exact = setup(5, 2, 3, 2)[3]
+    tasks = tuple(t.double() if t.is_floating_point() else t for t in setup(5, 2, 3, 2)[1])
+    exact.double()
+    state = exact._detached_state()
+    reference = DRIVERS["loop"](exact.task_fn(), *state, tasks)
+    norms.TaskBatchNorm.forward = fused_forward
+    for driver in ("vmap", "loop", "vmap_autograd", "loop_autograd"):
+        out = DRIVERS[driver](exact.task_fn(), *state, tasks)
+        print(f"fused norm, {driver}, float64, 2 second-order steps: relative error "
+              f"{relative_error(out.grads, reference.grads):.1e}")
+    for ways, shots, tasks_, steps, driver in ((5, 1, 32, 1, "vmap_autograd"), (5, 1, 32, 1, "vmap"),
+                                               (5, 5, 32, 1, "loop_threads"), (20, 1, 16, 5, "loop_threads"),
+                                               (20, 5, 16, 1, "loop_threads")):
+        s, batch, _, learner = setup(ways, shots, tasks_, steps)
+        state, fn = learner._detached_state(), learner.task_fn()
+
+        def run(forward, driver=driver, fn=fn, state=state, batch=batch):
+            norms.TaskBatchNorm.forward = forward
+            DRIVERS[driver](fn, *state, batch)
+
+        ms = interleaved({"primitives": lambda: run(primitives), "fused": lambda: run(fused_forward)})
+        print(f"{s.name} {driver}: {ms} -> {ms['primitives'] / ms['fused']:.2f}x")
+    norms.TaskBatchNorm.forward = primitives
+
+
+# ---- the first convolution (1 input channel) as unfold + matmul -----------------------------------
+def probe_layer1_unfold() -> None:
+    for tasks_, driver in ((32, "loop_threads"), (32, "vmap_autograd")):
+        s, batch, model, learner = setup(5, 5, tasks_, 1)
+        first = next(m for m in model.modules() if isinstance(m, TaskConv2d))
+        state, fn = learner._detached_state(), learner.task_fn()
+
+        def run(impl, driver=driver, fn=fn, state=state, batch=batch, first=first):
+            first.impl = impl
+            return DRIVERS[driver](fn, *state, batch)
+
+        print(f"{s.name} {driver}, layer 1 native vs unfold:",
+              interleaved({"native": lambda: run("native"), "unfold": lambda: run("unfold")}))
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold}[sys.argv[1]]()
