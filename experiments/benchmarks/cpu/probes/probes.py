@@ -3,6 +3,7 @@
     python experiments/benchmarks/cpu/probes/probes.py compile       # torch.compile of the per-task meta-gradient
     python experiments/benchmarks/cpu/probes/probes.py fused_norm    # task BN as one autograd.Function
     python experiments/benchmarks/cpu/probes/probes.py layer1_unfold # the 1-channel first conv as unfold + matmul
+    python experiments/benchmarks/cpu/probes/probes.py conv_backward # stride-2 convolution backward, NCHW vs NHWC
 
 Each prints medians of interleaved repeats (the first round is a warm-up) and the agreement of the gradients.
 """
@@ -172,6 +173,55 @@ def probe_layer1_unfold() -> None:
               interleaved({"native": lambda: run("native"), "unfold": lambda: run("unfold")}))
 
 
+# ---- the stride-2 convolution's backward, and channels-last ----------------------------------------
+def probe_conv_backward() -> None:
+    """One thread, Conv4's second layer (64 -> 64 channels, 14x14 -> 7x7, stride 2) for one 5w5s task set (25
+    images): the input gradient (backward-data) against the forward, stride 1, and channels-last tensors; then
+    the whole model in channels-last under the autograd loop."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    channels_last = torch.channels_last
+    for batch in (5, 25, 100):
+        x, w = torch.randn(batch, 64, 14, 14), torch.randn(64, 64, 3, 3)
+        row = {}
+        for stride in (2, 1):
+            gy = torch.randn_like(F.conv2d(x, w, stride=stride, padding=1))
+            flop = 2 * gy.numel() * 64 * 9
+
+            def backward(mask, gy=gy, x=x, w=w, stride=stride):
+                return torch.ops.aten.convolution_backward(gy, x, w, None, [stride] * 2, [1, 1], [1, 1], False,
+                                                           [0, 0], 1, mask)
+
+            cl = (gy.contiguous(memory_format=channels_last), x.contiguous(memory_format=channels_last),
+                  w.contiguous(memory_format=channels_last))
+            ms = interleaved({
+                "forward": lambda x=x, w=w, stride=stride: F.conv2d(x, w, stride=stride, padding=1),
+                "grad_input": lambda backward=backward: backward([True, False, False]),
+                "grad_input NHWC": lambda backward=backward, cl=cl: backward([True, False, False], *cl),
+                "grad_weight": lambda backward=backward: backward([False, True, False]),
+            }, rounds=21)
+            row[f"stride {stride}"] = {k: f"{v:.2f} ms ({flop / v / 1e6:.0f} GFLOP/s)" for k, v in ms.items()}
+        print(f"{batch} images:", row)
+    torch.set_num_threads(threads)
+
+    s, batch_, model, learner = setup(5, 5, 32, 1)
+    state, fn = learner._detached_state(), learner.task_fn()
+    native = TaskConv2d.forward
+
+    def channels_last_forward(self, x):
+        return F.conv2d(x.contiguous(memory_format=channels_last), self.weight.contiguous(memory_format=channels_last),
+                        self.bias, self.stride, self.padding)
+
+    def run(forward):
+        TaskConv2d.forward = forward
+        DRIVERS["loop_threads"](fn, *state, batch_)
+
+    print(f"{s.name} loop_threads, whole model:",
+          interleaved({"NCHW": lambda: run(native), "channels-last convolutions": lambda: run(channels_last_forward)}))
+    TaskConv2d.forward = native
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold}[sys.argv[1]]()
+    {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold,
+     "conv_backward": probe_conv_backward}[sys.argv[1]]()
