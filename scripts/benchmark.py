@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ parser.add_argument("--skip-timing", action="store_true", help="skip the meta-st
 parser.add_argument("--skip-memory", action="store_true", help="skip the memory probes")
 args = parser.parse_args()
 device = torch.device(args.device)
+if device.type == "cuda" and not torch.cuda.is_available():
+    sys.exit("--device cuda was asked for, but no CUDA device is available")
 if args.no_tf32:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 out = Path(args.out)

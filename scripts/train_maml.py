@@ -50,7 +50,10 @@ try:
     cfg = load_config(sys.argv[1:], preset=DEFAULT_PRESET)
 except ConfigError as error:
     sys.exit(f"config error: {error}")
-device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+try:
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+except RuntimeError as error:  # device=cuda without a GPU
+    sys.exit(f"config error: {error}")
 if cfg.train.cuda_graph and device.type != "cuda":
     sys.exit(f"config error: train.cuda_graph=true needs a CUDA device, and device={cfg.device} resolved to {device}")
 out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")

@@ -140,6 +140,10 @@ def test_config_errors_name_the_key():
         load_config(["seed"])
     proc = run_cli("train_maml.py", "model.nam=conv4", check=False)
     assert proc.returncode != 0 and "model.nam" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = run_cli("train_maml.py", "device=cuda", check=False)
+        assert proc.returncode != 0 and "no CUDA device is available" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
