@@ -103,6 +103,27 @@ def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver
     assert result.grads["features.0.conv.weight"].abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("kind", ["conv4", "mlp"])
+def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, kind, monkeypatch):
+    """Outside vmap on a CPU, TaskBatchNorm runs PyTorch's fused kernel; forced onto its primitives it gives the
+    same second-order meta-gradient (float64), and under vmap it always uses the primitives."""
+    from meta.models import norms
+
+    calls = []
+    fused = F.batch_norm
+    monkeypatch.setattr(norms.F, "batch_norm", lambda *a, **k: calls.append(norms.under_vmap()) or fused(*a, **k))
+    learner = make_learner(kind, "task_bn", steps=2, first_order=False)
+    results = {}
+    for use_fused in (True, False):
+        monkeypatch.setattr(norms.TaskBatchNorm, "use_fused_kernel", use_fused)
+        calls.clear()
+        results[use_fused] = {d: learner.meta_gradient(tasks, driver=d) for d in ("loop", "loop_autograd", "vmap")}
+        assert (len(calls) > 0) == use_fused and not any(calls)  # fused only when asked, never under vmap
+    for driver in ("loop", "loop_autograd", "vmap"):
+        assert relative_error(results[True][driver].grads, results[False][driver].grads) < 1e-12, driver
+    assert relative_error(results[True]["loop"].grads, results[True]["vmap"].grads) < TOL
+
+
 def test_learnable_lr_gets_the_right_meta_gradient(tasks):
     model = meta.build_model("mlp", ways=5, norm="task_bn", generator=torch.Generator().manual_seed(0)).double()
     learner = meta.MetaLearner(model, meta.sgd(lr=0.3, learnable=True), inner_steps=2)
