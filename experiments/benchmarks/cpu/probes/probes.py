@@ -4,6 +4,7 @@
     python experiments/benchmarks/cpu/probes/probes.py fused_norm    # task BN as one autograd.Function
     python experiments/benchmarks/cpu/probes/probes.py layer1_unfold # the 1-channel first conv as unfold + matmul
     python experiments/benchmarks/cpu/probes/probes.py conv_backward # stride-2 convolution backward, NCHW vs NHWC
+    python experiments/benchmarks/cpu/probes/probes.py thread_scaling # what a second core gives each strategy
 
 Each prints medians of interleaved repeats (the first round is a warm-up) and the agreement of the gradients.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import meta
-from meta.benchmarks.meta_step import Setting, ours, random_tasks
+from meta.benchmarks.meta_step import Setting, learn2learn_maml, ours, random_tasks
 from meta.drivers import DRIVERS
 from meta.models import norms, relative_error
 from meta.models.networks import Conv4, TaskConv2d, initialize
@@ -221,7 +222,34 @@ def probe_conv_backward() -> None:
     TaskConv2d.forward = native
 
 
+# ---- what the second core gives ------------------------------------------------------------------
+def probe_thread_scaling() -> None:
+    """learn2learn's loop and our autograd loop (the same kernels) on 1 and 2 torch threads, against
+    loop_threads (tasks split over 2 threads, 1 thread each). Full meta-steps, interleaved medians."""
+    for ways, shots, tasks, steps in ((5, 5, 32, 1), (20, 1, 16, 5)):
+        s, batch, model, _ = setup(ways, shots, tasks, steps)
+        loops = {"learn2learn": learn2learn_maml(model, s, batch),
+                 "loop_autograd": ours(model, s, batch, "loop_autograd")}
+
+        def on(threads, fn):
+            def run():
+                torch.set_num_threads(threads)
+                fn()
+                torch.set_num_threads(2)
+            return run
+
+        ms = interleaved({**{f"{k}, 1 thread": on(1, f) for k, f in loops.items()},
+                          **{f"{k}, 2 threads": on(2, f) for k, f in loops.items()},
+                          "loop_threads (2 workers)": ours(model, s, batch, "loop_threads")}, rounds=4)
+        print(s.name, {k: f"{v:.0f} ms" for k, v in ms.items()})
+        print("  learn2learn, 1 -> 2 threads:", f"{ms['learn2learn, 1 thread'] / ms['learn2learn, 2 threads']:.2f}x;",
+              "loop_threads against our loop on 1 thread:",
+              f"{ms['loop_autograd, 1 thread'] / ms['loop_threads (2 workers)']:.2f}x;",
+              "learn2learn (2 threads) / loop_threads:",
+              f"{ms['learn2learn, 2 threads'] / ms['loop_threads (2 workers)']:.2f}x")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold,
-     "conv_backward": probe_conv_backward}[sys.argv[1]]()
+     "conv_backward": probe_conv_backward, "thread_scaling": probe_thread_scaling}[sys.argv[1]]()
