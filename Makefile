@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check meta scripts tests
+	$(VENV)/bin/ruff check meta scripts tests experiments
 
 benchmark: install
 	$(PY) scripts/benchmark.py $(ARGS)

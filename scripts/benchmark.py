@@ -1,7 +1,8 @@
 """Benchmark suite: meta-step timings against learn2learn and the functorch example, per-sample gradients,
 and peak memory by vmap chunk size. Writes results.json, results.md and meta_step.png under --out.
 
-    python scripts/benchmark.py                      # the full paper grid on this machine (CPU: ~30 min)
+    python scripts/benchmark.py                      # the full paper grid on this machine, into runs/benchmark
+                                                     # (2-core CPU: about 90 min)
     python scripts/benchmark.py --quick --out /tmp/b # a tiny grid (used by the tests)
     python scripts/benchmark.py --device cuda --out experiments/benchmarks/h100
 """
@@ -26,7 +27,7 @@ from meta.training.run_log import device_name, git_commit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")
-parser.add_argument("--out", default="experiments/benchmarks/cpu")
+parser.add_argument("--out", default="runs/benchmark", help="output folder (committed results use their own --out)")
 parser.add_argument("--repeats", type=int, default=3)
 parser.add_argument("--quick", action="store_true", help="a tiny grid and few repeats (smoke test)")
 parser.add_argument("--only", default="", help="run only settings whose name contains one of these texts (a,b,...)")
