@@ -126,6 +126,15 @@ class MetaLearner(nn.Module):
             else:
                 p.grad.copy_(g)
 
+    def train_step(
+        self, optimizer: torch.optim.Optimizer, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None
+    ) -> TaskBatchResult:
+        """One outer step: :meth:`meta_gradient`, :meth:`write_grads`, then ``optimizer.step()``."""
+        result = self.meta_gradient(tasks, driver=driver, chunk_size=chunk_size)
+        self.write_grads(result)
+        optimizer.step()
+        return result
+
     @torch.no_grad()
     def evaluate(
         self,

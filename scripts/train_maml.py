@@ -119,10 +119,7 @@ def request_stop(signum, frame) -> None:  # Ctrl-C: finish this step, save a che
 
 def meta_step(tasks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """One training step: the meta-gradient of a batch of tasks, then the outer optimizer's step."""
-    result = learner.meta_gradient(tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
-    optimizer.zero_grad(set_to_none=True)
-    learner.write_grads(result)
-    optimizer.step()
+    result = learner.train_step(optimizer, tasks, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
     return result.loss, result.accuracy
 
 

@@ -220,9 +220,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     if cfg.train.cuda_graph:
+        from meta.training.cuda_graph import GRAPHABLE_DRIVERS
+
         if cfg.device == "cpu":
             raise ConfigError("train.cuda_graph=true needs device=cuda (or auto on a machine with CUDA)")
-        if cfg.algorithm not in ("maml", "mamlpp") or cfg.train.optimizer != "adam" or cfg.driver == "loop_threads":
+        supported = cfg.algorithm in ("maml", "mamlpp") and cfg.train.optimizer == "adam"
+        if not supported or cfg.driver not in GRAPHABLE_DRIVERS:
             raise ConfigError(f"train.cuda_graph=true supports algorithm maml or mamlpp with train.optimizer=adam "
                               f"and any driver but loop_threads, not algorithm={cfg.algorithm}, "
                               f"train.optimizer={cfg.train.optimizer}, driver={cfg.driver}")

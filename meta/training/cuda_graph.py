@@ -41,9 +41,8 @@ def check_graphable(learner: MetaLearner, optimizer: torch.optim.Optimizer, driv
 class GraphedMetaStep:
     """``step(tasks) -> (loss, accuracy)`` per task, like an eager training meta-step, replayed as a CUDA graph.
 
-    The eager step it stands for is ``result = learner.meta_gradient(tasks, driver, chunk_size)``, then
-    ``learner.write_grads(result)`` and ``optimizer.step()``. The returned tensors are the graph's output
-    buffers: read (or clone) them before the next call.
+    The eager step it stands for is ``learner.train_step(optimizer, tasks, driver, chunk_size)``. The returned
+    tensors are the graph's output buffers: read (or clone) them before the next call.
     """
 
     def __init__(
@@ -69,12 +68,10 @@ class GraphedMetaStep:
 
     def _body(self, tasks: Tasks, step_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         saved, self.learner.step_weights = self.learner.step_weights, step_weights
-        try:
-            result = self.learner.meta_gradient(tasks, driver=self.driver, chunk_size=self.chunk_size)
+        try:  # write_grads copies into the fixed .grad buffers
+            result = self.learner.train_step(self.optimizer, tasks, driver=self.driver, chunk_size=self.chunk_size)
         finally:
             self.learner.step_weights = saved
-        self.learner.write_grads(result)  # into the fixed .grad buffers
-        self.optimizer.step()
         return result.loss, result.accuracy
 
     def __call__(self, tasks: Tasks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +84,10 @@ class GraphedMetaStep:
                 static_weights.copy_(self.learner.step_weights)
             graph.replay()
             return outputs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
         if self.eager_steps.get(key, 0) < self.warmup_steps:  # a real step, on a side stream as capture needs
             self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 outputs = self._body(tasks, self.learner.step_weights)
             torch.cuda.current_stream().wait_stream(side)
