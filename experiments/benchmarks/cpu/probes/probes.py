@@ -5,6 +5,7 @@
     python experiments/benchmarks/cpu/probes/probes.py layer1_unfold # the 1-channel first conv as unfold + matmul
     python experiments/benchmarks/cpu/probes/probes.py conv_backward # stride-2 convolution backward, NCHW vs NHWC
     python experiments/benchmarks/cpu/probes/probes.py thread_scaling # what a second core gives each strategy
+    python experiments/benchmarks/cpu/probes/probes.py shared_first_step # first inner step of all tasks as one batch
 
 Each prints medians of interleaved repeats (the first round is a warm-up) and the agreement of the gradients.
 """
@@ -19,12 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch.func import functional_call, grad, vmap
 
 import meta
 from meta.benchmarks.meta_step import Setting, learn2learn_maml, ours, random_tasks
 from meta.drivers import DRIVERS
 from meta.models import norms, relative_error
+from meta.models.functional import detached
 from meta.models.networks import Conv4, TaskConv2d, initialize
 
 
@@ -249,7 +252,116 @@ def probe_thread_scaling() -> None:
               f"{ms['learn2learn, 2 threads'] / ms['loop_threads (2 workers)']:.2f}x")
 
 
+# ---- the first inner step of all tasks as one batch (the weights are still shared) -----------------
+def shared_first_grads(params: dict, support_x: torch.Tensor, support_y: torch.Tensor) -> dict:
+    """Every task's support gradient at the shared initialization of the strided Conv4 with task BN, from one
+    batch of all support sets: autograd to the layer outputs (``create_graph``), then per-task contractions
+    (unfold + einsum for the convolutions). Exact and twice differentiable."""
+    tasks, n = support_x.shape[:2]
+    h, saved = rearrange(support_x, "t n c h w -> (t n) c h w"), []
+    for layer in range(4):
+        p = {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"features.{layer}.")}
+        z = F.conv2d(h, p["conv.weight"], p["conv.bias"], stride=2, padding=1)
+        centered = rearrange(z, "(t n) c h w -> t n c h w", t=tasks)
+        centered = centered - centered.mean((1, 3, 4), keepdim=True)
+        x_hat = centered * torch.rsqrt((centered * centered).mean((1, 3, 4), keepdim=True) + 1e-5)
+        y = x_hat * rearrange(p["norm.weight"], "c -> c 1 1") + rearrange(p["norm.bias"], "c -> c 1 1")
+        saved.append((h, z, x_hat, y))
+        h = torch.relu(rearrange(y, "t n c h w -> (t n) c h w"))
+    features = h.mean((2, 3))
+    logits = F.linear(features, params["head.weight"], params["head.bias"])
+    loss = F.cross_entropy(logits, rearrange(support_y, "t n -> (t n)"), reduction="sum") / n  # sum of task means
+    d = torch.autograd.grad(loss, [s[1] for s in saved] + [s[3] for s in saved] + [logits], create_graph=True)
+    grads = {}
+    for layer, ((h_in, _, x_hat, _), dz, dy) in enumerate(zip(saved, d[:4], d[4:8])):
+        cols = rearrange(F.unfold(h_in, 3, padding=1, stride=2), "(t n) k l -> t n k l", t=tasks)
+        dz = rearrange(dz, "(t n) o a b -> t n o (a b)", t=tasks)
+        weight = torch.einsum("tnkl,tnol->tok", cols, dz)
+        grads[f"features.{layer}.conv.weight"] = weight.reshape(tasks, *params[f"features.{layer}.conv.weight"].shape)
+        grads[f"features.{layer}.conv.bias"] = dz.sum((1, 3))
+        grads[f"features.{layer}.norm.weight"] = (dy * x_hat).sum((1, 3, 4))
+        grads[f"features.{layer}.norm.bias"] = dy.sum((1, 3, 4))
+    d_logits = rearrange(d[8], "(t n) w -> t n w", t=tasks)
+    grads["head.weight"] = torch.einsum("tnw,tnc->twc", d_logits, rearrange(features, "(t n) c -> t n c", t=tasks))
+    grads["head.bias"] = d_logits.sum(1)
+    return grads
+
+
+def probe_shared_first_step() -> None:
+    """One-step second-order MAML (SGD inner rule) with the first inner step of all tasks fused into one batch,
+    the query losses then per task (a loop, one backward of their sum), against the library's drivers. Two
+    ways to get the per-task support gradients: explicit per-task contractions (above), and ``vmap(grad)`` with
+    unbatched weights (functorch folds the tasks into the batch of each forward convolution)."""
+    for ways, shots, queries, tasks_ in ((5, 5, 5, 4), (5, 5, 5, 32), (5, 1, 1, 32)):
+        s = Setting(ways, shots, queries, tasks_, 1, False)
+        batch = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
+        model = initialize(Conv4(ways), torch.Generator().manual_seed(1))
+        learner = meta.MetaLearner(model, meta.sgd(lr=s.lr), inner_steps=1)
+        state, fn = learner._detached_state(), learner.task_fn()
+        params, _, buffers = state
+        forward = meta.models.functional_forward(model)
+        sx, sy, qx, qy = batch
+
+        def vmapped_first_grads(leaves, sx=sx, sy=sy, forward=forward, buffers=buffers):
+            def support_loss(p, x, y):
+                return F.cross_entropy(forward(p, buffers, x), y)
+            return vmap(grad(support_loss), in_dims=(None, 0, 0))(leaves, sx, sy)
+
+        def fused(first_grads, params=params, s=s, batch=batch, forward=forward, buffers=buffers):
+            sx, sy, qx, qy = batch
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with torch.enable_grad():
+                g0 = first_grads(leaves, sx, sy) if first_grads is shared_first_grads else first_grads(leaves)
+                total = sum(F.cross_entropy(forward({k: leaves[k] - s.lr * g0[k][i] for k in leaves}, buffers, qx[i]),
+                                            qy[i]) for i in range(len(qx)))
+                return dict(zip(leaves, torch.autograd.grad(total / len(qx), list(leaves.values()))))
+
+        reference = DRIVERS["loop"](fn, *state, batch).grads
+        errors = {name: relative_error(fused(first_grads), reference)
+                  for name, first_grads in (("explicit", shared_first_grads), ("vmap(grad)", vmapped_first_grads))}
+        errors["library vmap driver"] = relative_error(DRIVERS["vmap"](fn, *state, batch).grads, reference)
+        print(f"{s.name}, float32, relative to the loop driver (float32 rounding of this setting):",
+              {k: f"{v:.1e}" for k, v in errors.items()})
+        ms = interleaved({
+            "loop_autograd": lambda fn=fn, state=state, batch=batch: DRIVERS["loop_autograd"](fn, *state, batch),
+            "loop_threads": lambda fn=fn, state=state, batch=batch: DRIVERS["loop_threads"](fn, *state, batch),
+            "vmap_autograd": lambda fn=fn, state=state, batch=batch: DRIVERS["vmap_autograd"](fn, *state, batch),
+            "fused first step (explicit) + query loop": lambda fused=fused: fused(shared_first_grads),
+            "fused first step (vmap(grad)) + query loop": lambda f=fused, g=vmapped_first_grads: f(g),
+        }, rounds=4)
+        print(s.name, {k: f"{v:.0f} ms" for k, v in ms.items()})
+
+    # float64 exactness of the explicit per-task contractions, and where the fused time goes
+    s = Setting(5, 5, 5, 8, 1, False)
+    sx, sy, _, _ = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
+    model = initialize(Conv4(5), torch.Generator().manual_seed(1)).double()
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    forward = meta.models.functional_forward(model)
+    with torch.enable_grad():
+        explicit = shared_first_grads(params, sx.double(), sy)
+        looped = [dict(zip(params, torch.autograd.grad(F.cross_entropy(forward(params, {}, sx[i].double()), sy[i]),
+                                                       list(params.values()), create_graph=True)))
+                  for i in range(len(sx))]
+        looped = {k: torch.stack([g[k] for g in looped]) for k in params}
+        v = {k: torch.randn(g.shape, generator=torch.Generator().manual_seed(2), dtype=g.dtype)
+             for k, g in looped.items()}
+        hvp = [dict(zip(params, torch.autograd.grad(list(g.values()), list(params.values()), [v[k] for k in g])))
+               for g in (explicit, looped)]
+    print("8 tasks, float64: per-task gradients", f"{relative_error(detached(explicit), detached(looped)):.1e},",
+          f"their vector-Jacobian product {relative_error(*hvp):.1e} relative to a per-task loop")
+    s = Setting(5, 5, 5, 32, 1, False)
+    sx, sy, _, _ = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
+    model = initialize(Conv4(5), torch.Generator().manual_seed(1))
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    with torch.profiler.profile() as profile, torch.enable_grad():
+        g0 = shared_first_grads(params, sx, sy)
+        torch.autograd.grad(list(g0.values()), list(params.values()), [torch.ones_like(g) for g in g0.values()])
+    print(f"{s.name}, support side only (first gradients + their vector-Jacobian product), profile by op:")
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold,
-     "conv_backward": probe_conv_backward, "thread_scaling": probe_thread_scaling}[sys.argv[1]]()
+     "conv_backward": probe_conv_backward, "thread_scaling": probe_thread_scaling,
+     "shared_first_step": probe_shared_first_step}[sys.argv[1]]()
