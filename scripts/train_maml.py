@@ -189,6 +189,7 @@ results = {
 atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
 plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})")
 ref = cfg.reference
-paper = f" | paper: {ref.accuracy} ± {ref.ci95}% ({ref.source})" if ref.accuracy is not None else ""
+ci = f" ± {ref.ci95}" if ref.ci95 is not None else ""  # some papers give no interval
+paper = f" | paper: {ref.accuracy}{ci}% ({ref.source})" if ref.accuracy is not None else ""
 print(f"test accuracy ({chosen}): {test['accuracy']:.2f} ± {test['ci95']:.2f}% over {test['tasks']} tasks{paper}")
 print(f"results: {(out_dir / 'results.json').resolve()}  curves: {(out_dir / 'curves.png').resolve()}")

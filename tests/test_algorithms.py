@@ -107,6 +107,9 @@ def test_meta_lr_schedules():
     cfg = load_config(["preset=reptile_omniglot_5w1s", "train.iterations=100"])
     assert [meta_lr_at(cfg, s) for s in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
     assert meta_lr_at(load_config([]), 37) == 1e-3  # constant by default
+    cfg = load_config(["preset=protonets_omniglot_5w1s"])  # Snell et al.: Adam 1e-3, halved every 2000 episodes
+    expected = [1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4]
+    assert [meta_lr_at(cfg, s) for s in (0, 1999, 2000, 4000, 6001)] == pytest.approx(expected)
 
 
 # ---- Reptile ------------------------------------------------------------------------------------
@@ -209,6 +212,26 @@ def test_prototype_logits_are_negative_squared_distances():
         for n in range(3):
             prototype = support[labels == n].mean(0)
             assert logits[i, n] == pytest.approx(-float(torch.dist(query[i], prototype) ** 2), rel=1e-5)
+
+
+def test_prototype_logits_leave_out_classes_without_support_examples():
+    g = torch.Generator().manual_seed(1)
+    support = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    query, labels = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    exact, bounded = prototype_logits(support, labels, query, ways=3), prototype_logits(support, labels, query, ways=7)
+    assert torch.equal(bounded[:, :3], exact) and bool((bounded[:, 3:] == float("-inf")).all())
+    targets = torch.tensor([0, 2, 1, 1, 0])
+    loss_exact, loss_bounded = F.cross_entropy(exact, targets), F.cross_entropy(bounded, targets)
+    assert float(loss_bounded) == pytest.approx(float(loss_exact), rel=1e-14)
+    (grad_exact,), (grad_bounded,) = (torch.autograd.grad(loss, support) for loss in (loss_exact, loss_bounded))
+    assert torch.isfinite(grad_bounded).all() and torch.allclose(grad_bounded, grad_exact, rtol=1e-12, atol=0)
+
+
+def test_protonet_with_more_ways_than_the_episode_gives_the_same_results(tasks):
+    exact, bounded = ProtoNet(small_model(norm="task_bn"), ways=5), ProtoNet(small_model(norm="task_bn"), ways=12)
+    bounded.load_state_dict(exact.state_dict())
+    for driver in ("vmap", "loop"):
+        assert_same(bounded.meta_gradient(tasks, driver=driver), exact.meta_gradient(tasks, driver=driver))
 
 
 def test_protonet_vmap_matches_loop_and_uses_the_embedding(tasks):

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import meta
+from meta.drivers import AUTO_CANDIDATES
 from meta.evaluation import mean_ci95
+from meta.training.builders import build_samplers
 from meta.training.config import ConfigError, available_presets, load_config
 from tests.helpers import has_omniglot
 
@@ -26,6 +28,9 @@ TINY = [
     "train.val_every=3", "train.val_tasks=10", "train.checkpoint_every=3", "eval.tasks=20", "eval.batch_size=10",
     "progress=false", "device=cpu",
 ]
+#: For comparing separate fresh runs exactly: the auto driver chooses its strategy by timing, and strategies agree
+#: only up to float32 rounding, so two fresh auto runs can differ in the last bits.
+PINNED = [*TINY, "driver=vmap"]
 
 
 def run_cli(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -85,18 +90,33 @@ def test_training_learns_synthetic_tasks(tmp_path):
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={full}")
-    run_cli("train_maml.py", *TINY, "train.iterations=3", f"out_dir={part}")
-    run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={part}", "resume=true")
+    run_cli("train_maml.py", *PINNED, "train.iterations=6", f"out_dir={full}")
+    run_cli("train_maml.py", *PINNED, "train.iterations=3", f"out_dir={part}")
+    run_cli("train_maml.py", *PINNED, "train.iterations=6", f"out_dir={part}", "resume=true")
     assert train_records(part) == train_records(full)
     a = json.loads((full / "results.json").read_text())["test"]
     b = json.loads((part / "results.json").read_text())["test"]
     assert a == b
 
 
+def test_resume_keeps_the_auto_drivers_choice(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train_maml.py", *TINY, "train.iterations=3", f"out_dir={out}")
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert len(state["auto_choices"]) == 1
+    # a strategy auto never picks on its own on a CPU: a resumed run that timed the candidates again could not
+    # end up with it
+    assert "vmap+unfold" not in AUTO_CANDIDATES["cpu"]
+    state["auto_choices"] = {key: "vmap+unfold" for key in state["auto_choices"]}
+    torch.save(state, out / "checkpoint.pt")
+    run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}", "resume=true")
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 6 and list(resumed["auto_choices"].values()) == ["vmap+unfold"]
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    args = [*TINY, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
+    args = [*PINNED, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
     run_cli("train_maml.py", *args, f"out_dir={full}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts/train_maml.py"), *args, f"out_dir={interrupted}"],
@@ -144,6 +164,30 @@ def test_config_errors_name_the_key():
         proc = run_cli("train_maml.py", "device=cuda", check=False)
         assert proc.returncode != 0 and "no CUDA device is available" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
+    cfg = load_config([*TINY, "preset=protonets_omniglot_5w1s", "data.image_size=16", "task.train_ways=12",
+                       "task.train_shots=2", "task.queries=3", "task.test_queries=4"])
+    samplers = build_samplers(cfg, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    shapes = {split: [tuple(t.shape[:2]) for t in sampler.sample(2, generator)] for split, sampler in samplers.items()}
+    assert shapes["train"] == [(2, 24), (2, 24), (2, 36), (2, 36)]  # 12-way 2-shot, 3 queries per class
+    assert shapes["val"] == [(2, 5), (2, 5), (2, 15), (2, 15)]  # 5-way 1-shot, as at test time
+    assert shapes["test"] == [(2, 5), (2, 5), (2, 20), (2, 20)]
+    # a ProtoNets run trains on 12-way episodes and is evaluated on 5-way ones
+    out = tmp_path / "run"
+    proc = run_cli("train_maml.py", *TINY, "preset=protonets_omniglot_5w1s", "data.image_size=16",
+                   "task.train_ways=12", "train.iterations=3", f"out_dir={out}")
+    assert math.isfinite(json.loads((out / "results.json").read_text())["test"]["accuracy"])
+    assert "paper: 98.8% (Snell" in proc.stdout  # the paper gives no interval, and none is made up
+    # the MAML family adapts an N-way head, so its training ways cannot differ from its test ways
+    with pytest.raises(ConfigError, match="task.train_ways=20 differs from task.ways=5"):
+        load_config(["task.train_ways=20"])
+    for key in ("task.train_ways", "task.train_shots", "task.test_queries"):
+        with pytest.raises(ConfigError, match=f"{key} must be positive"):
+            load_config([f"{key}=0", "algorithm=protonets"])
+    assert load_config(["task.train_ways=5", "task.train_shots=3"]).task.train_shots == 3
 
 
 def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):

@@ -18,11 +18,17 @@ Params = dict[str, torch.Tensor]
 
 
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
-    """``-|q - c_n|^2`` for each query embedding and class prototype ``c_n`` (mean support embedding)."""
+    """``-|q - c_n|^2`` for each query embedding and class prototype ``c_n`` (mean support embedding).
+
+    ``ways`` is an upper bound on the labels: a class with no support example has no prototype, and its
+    logit is ``-inf`` (so one learner serves episodes of different ways, e.g. 60-way training, 5-way test).
+    """
     classes = torch.arange(ways, device=support_y.device)
     onehot = (support_y[:, None] == classes).to(support.dtype)  # [n_support, ways]
-    prototypes = (onehot.T @ support) / onehot.sum(dim=0)[:, None]  # [ways, dim]
-    return -((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(dim=-1)
+    counts = onehot.sum(dim=0)
+    prototypes = (onehot.T @ support) / counts.clamp_min(1)[:, None]  # [ways, dim]
+    logits = -((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(dim=-1)
+    return logits.masked_fill(counts == 0, float("-inf"))
 
 
 class _Embedder(nn.Module):
@@ -39,6 +45,7 @@ class ProtoNet(MetaLearner):
 
     Support and query pass through the network together, as in the official code, so batch statistics
     are those of the whole episode. Same interface as :class:`MetaLearner`; inner steps and rules are ignored.
+    ``ways`` is the largest number of classes in an episode (labels ``0 .. ways-1``); smaller episodes work too.
     """
 
     def __init__(self, model: nn.Module, ways: int, loss_fn: LossFn = F.cross_entropy) -> None:

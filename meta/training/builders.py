@@ -58,9 +58,14 @@ def load_pool(data: DictConfig, split: str) -> ClassPool:
 
 def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSampler:
     """The task sampler of one split on ``device``."""
-    queries = cfg.task.test_queries or cfg.task.queries if split == "test" else cfg.task.queries
+    task = cfg.task
+    ways, shots, queries = task.ways, task.shots, task.queries
+    if split == "train":
+        ways, shots = task.train_ways or ways, task.train_shots or shots
+    if split == "test":
+        queries = task.test_queries or queries
     try:
-        return TaskSampler(load_pool(cfg.data, split), cfg.task.ways, cfg.task.shots, queries, device=device)
+        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device)
     except ValueError as error:
         raise ValueError(f"{split} split: {error}") from None
 
@@ -94,7 +99,7 @@ def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> 
         learner = IMAML(model, rule, steps, lam=cfg.imaml.lam, cg_steps=cfg.imaml.cg_steps,
                         test_lam=cfg.imaml.test_lam)
     elif cfg.algorithm == "protonets":
-        learner = ProtoNet(model, ways=cfg.task.ways)
+        learner = ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or cfg.task.ways))
     else:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
     learner = learner.to(device=device, dtype=dtype)
@@ -121,6 +126,8 @@ def meta_lr_at(cfg: DictConfig, step: int) -> float:
         return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
     if cfg.train.lr_schedule == "linear":
         return start + (end - start) * t
+    if cfg.train.lr_schedule == "step":
+        return start * cfg.train.lr_step_factor ** (step // cfg.train.lr_step_every)
     return start
 
 

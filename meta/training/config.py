@@ -44,6 +44,8 @@ class TaskConfig:
     shots: int = 1
     queries: int = 1  # per class, training and validation
     test_queries: int | None = None  # per class at test time; null: same as queries
+    train_ways: int | None = None  # ways of training episodes (ProtoNets' 60-way training); null: same as ways
+    train_shots: int | None = None  # shots per class in training episodes; null: same as shots
 
 
 @dataclass
@@ -74,6 +76,8 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | sgd (Reptile: SGD on initial - mean(adapted) is theta += lr * (phi - theta))
     lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), from meta_lr to min_meta_lr
     min_meta_lr: float = 0.0  # end value of the cosine and linear schedules
+    lr_step_every: int = 2000  # step schedule (ProtoNets): meta_lr times lr_step_factor every this many iterations
+    lr_step_factor: float = 0.5
     chunk_size: int | None = None  # vmap chunk size (bounds memory); null: all tasks at once
     # CUDA only: replay each meta-step as a captured CUDA graph (meta/training/cuda_graph.py); same steps, less
     # launch overhead. algorithm maml or mamlpp, optimizer adam, any driver but loop_threads
@@ -145,7 +149,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "algorithm": ("maml", "mamlpp", "reptile", "imaml", "protonets"),
     "train.optimizer": ("adam", "sgd"),
-    "train.lr_schedule": ("constant", "cosine", "linear"),
+    "train.lr_schedule": ("constant", "cosine", "linear", "step"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "float64"),
     "driver": ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads"),
@@ -156,6 +160,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
+            "train.lr_step_every", "train.lr_step_factor",
             "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
             "data.image_size")
 
@@ -217,6 +222,14 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be positive (or null), got {value}")
+    if cfg.task.train_ways not in (None, cfg.task.ways) and cfg.algorithm != "protonets":
+        raise ConfigError(f"task.train_ways={cfg.task.train_ways} differs from task.ways={cfg.task.ways}, but "
+                          f"algorithm={cfg.algorithm} adapts a {cfg.task.ways}-way linear head, which fixes the ways; "
+                          f"only protonets (no head) can train on other ways")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     if cfg.train.cuda_graph:
