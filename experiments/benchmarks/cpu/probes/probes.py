@@ -6,6 +6,7 @@
     python experiments/benchmarks/cpu/probes/probes.py conv_backward # stride-2 convolution backward, NCHW vs NHWC
     python experiments/benchmarks/cpu/probes/probes.py thread_scaling # what a second core gives each strategy
     python experiments/benchmarks/cpu/probes/probes.py shared_first_step # first inner step of all tasks as one batch
+    python experiments/benchmarks/cpu/probes/probes.py kernel_floor  # time in the convolution kernels alone
 
 Each prints medians of interleaved repeats (the first round is a warm-up) and the agreement of the gradients.
 """
@@ -360,8 +361,56 @@ def probe_shared_first_step() -> None:
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
+# ---- a floor from the convolution kernels alone ----------------------------------------------------
+#: aten ops that do the matrix work of Conv4 and its head (forward, backward and double backward)
+MATRIX_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+              "aten::_slow_conv2d_backward", "aten::slow_conv_transpose2d", "aten::slow_conv_dilated2d",
+              "aten::mm", "aten::addmm", "aten::bmm")
+
+
+def probe_kernel_floor() -> None:
+    """How fast could any exact per-task strategy with PyTorch's kernels be? The autograd loop on one thread,
+    profiled: time in the convolution and matmul kernels (self time) against everything else. Perfect use of both
+    cores with free elementwise work would take half the kernel time; twice learn2learn needs half of
+    learn2learn's (two-thread) time, measured in the same run."""
+    for ways, shots, tasks_, steps in ((5, 5, 32, 1), (20, 1, 16, 5), (20, 5, 16, 5)):
+        s, batch, model, learner = setup(ways, shots, tasks_, steps)
+        l2l, loop = learn2learn_maml(model, s, batch), ours(model, s, batch, "loop_autograd")
+
+        def one_thread(fn):
+            def run():
+                torch.set_num_threads(1)
+                try:
+                    fn()
+                finally:
+                    torch.set_num_threads(2)
+            return run
+
+        ms = interleaved({"learn2learn (2 threads)": l2l, "loop_autograd (1 thread)": one_thread(loop),
+                          "loop_threads": ours(model, s, batch, "loop_threads")}, rounds=4)
+        torch.set_num_threads(1)
+        with torch.profiler.profile() as profile:
+            start = time.perf_counter()
+            loop()
+            wall = 1000 * (time.perf_counter() - start)
+        torch.set_num_threads(2)
+        events = profile.key_averages()
+        kernels = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_OPS) / 1000
+        total = sum(e.self_cpu_time_total for e in events) / 1000
+        missed = sorted({e.key for e in events if ("conv" in e.key or "mm" in e.key) and e.key not in MATRIX_OPS
+                         and e.key.startswith("aten::") and e.self_cpu_time_total > 0})
+        # the profiler slows small ops more than big kernels, so this fraction errs low (the floor too)
+        fraction = kernels / total
+        floor, budget = fraction * ms["loop_autograd (1 thread)"] / 2, ms["learn2learn (2 threads)"] / 2
+        print(s.name, {k: f"{v:.0f} ms" for k, v in ms.items()})
+        print(f"  one thread, profiled ({wall:.0f} ms): convolution/matmul kernels {100 * fraction:.0f}% of the time"
+              f" (other conv/mm ops with self time: {missed or 'none'});")
+        print(f"  floor on two cores with free elementwise work {floor:.0f} ms; twice learn2learn needs {budget:.0f} ms"
+              f" (floor / budget {floor / budget:.2f})")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold,
      "conv_backward": probe_conv_backward, "thread_scaling": probe_thread_scaling,
-     "shared_first_step": probe_shared_first_step}[sys.argv[1]]()
+     "shared_first_step": probe_shared_first_step, "kernel_floor": probe_kernel_floor}[sys.argv[1]]()
