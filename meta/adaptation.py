@@ -32,6 +32,19 @@ def autograd_inner_gradients() -> Iterator[None]:
         _AUTOGRAD_INNER.reset(token)
 
 
+def support_batch(x: torch.Tensor, step: int, batch_size: int | None) -> torch.Tensor:
+    """The support examples inner step ``step`` uses: all of them (``batch_size`` None or at least their number),
+    else the next ``batch_size`` in order, cycling (step ``i`` starts at ``i * batch_size`` modulo their number).
+    Samplers shuffle the support set, so these are mini-batches drawn without replacement (Reptile's)."""
+    n = x.shape[0]
+    if batch_size is None or batch_size >= n:
+        return x
+    start = step * batch_size % n
+    if start + batch_size <= n:
+        return x[start : start + batch_size]
+    return torch.cat([x[start:], x[: start + batch_size - n]])
+
+
 def adapt_steps(
     forward: Forward,
     rule: InnerRule,
@@ -42,11 +55,13 @@ def adapt_steps(
     y: torch.Tensor,
     steps: int,
     loss_fn: LossFn = F.cross_entropy,
+    batch_size: int | None = None,
 ) -> Iterator[Params]:
     """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
 
     With ``rule.per_sample`` the rule gets per-sample gradients ``[n, *shape]``
-    (``vmap(grad)`` over the samples, which nests inside a vmap over tasks).
+    (``vmap(grad)`` over the samples, which nests inside a vmap over tasks). With ``batch_size``, each step
+    sees only a mini-batch of the support set (:func:`support_batch`).
     """
     fast = {k: v for k, v in params.items() if rule.adapts(k)}
     frozen = {k: v for k, v in params.items() if k not in fast}
@@ -58,7 +73,9 @@ def adapt_steps(
         return support_loss(fast, i, xi.unsqueeze(0), yi.unsqueeze(0))
 
     state = rule.init(fast)
+    all_x, all_y = x, y
     for i in range(steps):
+        x, y = support_batch(all_x, i, batch_size), support_batch(all_y, i, batch_size)
         if rule.per_sample:
             grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi)), in_dims=(None, 0, 0))(fast, x, y)
         elif _AUTOGRAD_INNER.get():
@@ -79,10 +96,11 @@ def adapt(
     y: torch.Tensor,
     steps: int,
     loss_fn: LossFn = F.cross_entropy,
+    batch_size: int | None = None,
 ) -> Params:
     """Run ``steps`` inner updates of ``rule`` on ``(x, y)``; return all parameters after adaptation."""
     adapted = params
-    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn):
+    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn, batch_size):
         adapted = after_step
     return adapted
 
@@ -101,8 +119,9 @@ def task_loss(
     steps: int,
     loss_fn: LossFn = F.cross_entropy,
     step_weights: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Params]]:
-    """Query loss of one task after adapting on its support set.
+    """Query loss of one task after adapting on its support set (in mini-batches of ``batch_size``, if given).
 
     With ``step_weights`` (shape ``[steps]``, the multi-step loss of MAML++) the
     loss is ``sum_i step_weights[i] * query_loss(after step i)``; accuracy is
@@ -120,7 +139,7 @@ def task_loss(
 
     adapted, loss = params, 0.0
     for i, adapted in enumerate(
-        adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn)
+        adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn, batch_size)
     ):
         if step_weights is not None and i < steps - 1:
             loss = loss + step_weights[i] * loss_fn(query(adapted, i), query_y)

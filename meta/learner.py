@@ -57,6 +57,8 @@ class MetaLearner(nn.Module):
         self.loss_fn = loss_fn
         #: MAML++'s multi-step loss: query-loss weight after each inner step (None: the last step only).
         self.step_weights: torch.Tensor | None = None
+        #: inner mini-batch size (Reptile): each inner step uses this many support examples (None: all of them)
+        self.inner_batch_size: int | None = None
         if rule.per_sample:
             _check_no_batch_statistics(model)
         initial = detached(parameters_of(model))
@@ -87,6 +89,7 @@ class MetaLearner(nn.Module):
             steps=self.inner_steps if inner_steps is None else inner_steps,
             loss_fn=self.loss_fn,
             step_weights=step_weights,
+            batch_size=self.inner_batch_size,
         )
 
     def set_iteration(self, step: int, total: int) -> None:

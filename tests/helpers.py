@@ -59,14 +59,18 @@ def reference_maml(
     lr: float,
     steps: int,
     first_order: bool,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """MAML with plain autograd (no torch.func): mean query loss, its gradient, adapted params per task."""
+    """MAML with plain autograd (no torch.func): mean query loss, its gradient, adapted params per task.
+    With ``batch_size``, inner step ``i`` uses support examples ``i*batch_size + j`` (modulo their number)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     losses, adapted_all = [], []
     for sx, sy, qx, qy in zip(*tasks):
         fast = dict(leaves)
-        for _ in range(steps):
-            loss = F.cross_entropy(reference_forward(kind, norm, fast, sx), sy)
+        for i in range(steps):
+            n = len(sx)
+            rows = [(i * batch_size + j) % n for j in range(batch_size)] if batch_size else list(range(n))
+            loss = F.cross_entropy(reference_forward(kind, norm, fast, sx[rows]), sy[rows])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
             fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
         losses.append(F.cross_entropy(reference_forward(kind, norm, fast, qx), qy))

@@ -54,6 +54,26 @@ def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
     assert relative_error(loop.adapted, stacked) < TOL
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_inner_mini_batches_match_the_reference(first_order):
+    tasks = random_tasks(tasks=3, ways=5, shots=2, queries=1)  # 10 support examples: batches 0-3, 4-7, 8 9 0 1
+    learner = make_learner("conv4", "task_bn", steps=3, first_order=first_order)
+    learner.inner_batch_size = 4
+    loop = learner.meta_gradient(tasks, driver="loop")
+    params = dict(learner.model.named_parameters())
+    ref_loss, ref_grads, _ = reference_maml("conv4", "task_bn", params, tasks, 0.4, 3, first_order, batch_size=4)
+    assert torch.allclose(loop.loss, ref_loss, rtol=TOL, atol=0)
+    assert relative_error(loop.grads, ref_grads) < TOL
+    for driver in ("vmap", "vmap_autograd", "loop_autograd"):
+        assert relative_error(learner.meta_gradient(tasks, driver=driver).grads, loop.grads) < TOL
+    # the mini-batches matter, and a batch at least the support set's size is the whole set
+    learner.inner_batch_size = None
+    full = learner.meta_gradient(tasks, driver="loop")
+    assert relative_error(loop.grads, full.grads) > 1e-3
+    learner.inner_batch_size = 10
+    assert relative_error(learner.meta_gradient(tasks, driver="loop").grads, full.grads) == 0
+
+
 def test_unfold_convolution_equals_native():
     conv = meta.models.TaskConv2d(3, 8, 3, stride=2, padding=1).double()
     x = torch.randn(4, 3, 11, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ import torch
 import meta
 from meta.drivers import AUTO_CANDIDATES
 from meta.evaluation import mean_ci95
-from meta.training.builders import build_samplers
+from meta.training.builders import build_learner, build_samplers
 from meta.training.config import ConfigError, available_presets, load_config
 from tests.helpers import has_omniglot
 
@@ -226,6 +226,21 @@ def test_paper_presets_match_maml_appendix():
     assert load_config(["preset=fomaml_omniglot_5w1s"]).inner.first_order
     for cfg in (five, twenty):
         assert cfg.train.iterations == 60000 and cfg.train.meta_lr == 1e-3 and cfg.eval.tasks == 600
+
+
+def test_reptile_and_protonets_presets_pin_their_training_episodes():
+    reptile = load_config(["preset=reptile_omniglot_5w1s"])  # Nichol et al.: 10 train shots, inner batches of 10
+    task, inner = reptile.task, reptile.inner
+    assert (task.shots, task.train_shots, inner.batch_size, inner.steps) == (1, 10, 10, 5)
+    protonets = load_config(["preset=protonets_omniglot_5w1s"])  # Snell et al.: 60-way training, 5 queries
+    assert (protonets.task.ways, protonets.task.train_ways, protonets.task.queries) == (5, 60, 5)
+    assert load_config([*TINY, "preset=reptile_omniglot_5w1s"]).inner.batch_size == 10
+    with pytest.raises(ConfigError, match="inner.batch_size must be positive"):
+        load_config(["inner.batch_size=0"])
+    with pytest.raises(ConfigError, match="inner.batch_size applies to"):
+        load_config(["algorithm=imaml", "inner.batch_size=5"])
+    # the setting reaches the learner the training script builds
+    assert build_learner(reptile, torch.float32, torch.device("cpu")).inner_batch_size == 10
 
 
 def test_mean_ci95_formula():

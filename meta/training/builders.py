@@ -102,6 +102,7 @@ def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> 
         learner = ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or cfg.task.ways))
     else:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
+    learner.inner_batch_size = cfg.inner.batch_size
     learner = learner.to(device=device, dtype=dtype)
     learner.set_iteration(0, cfg.train.iterations)  # schedules follow the new dtype and device
     return learner

@@ -63,6 +63,9 @@ class InnerConfig:
     learnable_lr: bool = False
     test_lr: float | None = None  # null: same as lr
     test_steps: int | None = None  # null: same as steps
+    # inner mini-batch (Reptile): each step uses the next batch_size support examples of the (shuffled) support
+    # set, cycling; null, or at least the support set's size: all of them
+    batch_size: int | None = None
     # extra keyword arguments of the rule factory (see its docstring), e.g. {clip: 1.0} for clipped_sgd,
     # {lslr: true, per_step_bn: true, steps: 5} for mamlpp, {beta1: 0.0} for adam
     options: dict[str, Any] = field(default_factory=dict)
@@ -222,7 +225,7 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots"):
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
@@ -230,6 +233,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"task.train_ways={cfg.task.train_ways} differs from task.ways={cfg.task.ways}, but "
                           f"algorithm={cfg.algorithm} adapts a {cfg.task.ways}-way linear head, which fixes the ways; "
                           f"only protonets (no head) can train on other ways")
+    if cfg.inner.batch_size is not None and cfg.algorithm in ("imaml", "protonets"):
+        raise ConfigError(f"inner.batch_size applies to the inner loops of maml, mamlpp and reptile, not "
+                          f"algorithm={cfg.algorithm}")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     if cfg.train.cuda_graph:
