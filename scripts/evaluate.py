@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from meta.data import DataError
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
     build_inner_rule,
@@ -29,18 +30,26 @@ from meta.training.run_log import atomic_write_text, load_checkpoint, run_metada
 if len(sys.argv) < 2 or "=" in sys.argv[1]:
     sys.exit(__doc__)
 path = Path(sys.argv[1])
+if not path.is_file():
+    sys.exit(f"no checkpoint at {path}")
 state = load_checkpoint(path)
 try:
     cfg = load_config(sys.argv[2:], base=state["config"])
-except ConfigError as error:
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+except (ConfigError, RuntimeError) as error:  # RuntimeError: device=cuda without a GPU
     sys.exit(f"config error: {error}")
-device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+try:
+    sampler = build_sampler(cfg, "test", device)
+except DataError as error:  # missing or corrupt files
+    sys.exit(f"data error: {error}")
+except ValueError as error:  # a task shape the split cannot supply
+    sys.exit(f"task error: {error}")
 
 learner = build_learner(cfg, dtype, device)
 learner.load_state_dict(state["learner"])
 start = time.perf_counter()
 test = evaluate_learner(
-    learner, build_sampler(cfg, "test", device), num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
+    learner, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
     batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
     rule=build_inner_rule(cfg, test=True), dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
 )

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from meta.data import DataError
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
     apply_schedules,
@@ -62,12 +63,17 @@ if ckpt_path.exists() and not cfg.resume:
     sys.exit(f"{out_dir} already holds a run; pass resume=true to continue it, or choose another out_dir")
 if cfg.resume and not ckpt_path.exists():
     sys.exit(f"resume=true, but there is no checkpoint at {ckpt_path}")
-out_dir.mkdir(parents=True, exist_ok=True)
 print(f"preset {cfg.preset} | device {device_name(device)} | dtype {cfg.dtype} | driver {cfg.driver}")
-print(f"writing to {out_dir.resolve()}")
 
 # ---- data, model, optimizer -----------------------------------------------------------------
-samplers = build_samplers(cfg, device)
+try:  # before anything is written: a run that cannot start leaves no folder behind
+    samplers = build_samplers(cfg, device)
+except DataError as error:  # missing or corrupt files
+    sys.exit(f"data error: {error}")
+except ValueError as error:  # a task shape the split cannot supply
+    sys.exit(f"task error: {error}")
+out_dir.mkdir(parents=True, exist_ok=True)
+print(f"writing to {out_dir.resolve()}")
 learner = build_learner(cfg, dtype, device)
 test_rule = build_inner_rule(cfg, test=True)
 test_steps = test_inner_steps(cfg)

@@ -190,6 +190,21 @@ def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     assert load_config(["task.train_ways=5", "task.train_shots=3"]).task.train_shots == 3
 
 
+def test_runs_that_cannot_start_say_why_in_one_line_and_write_nothing(tmp_path):
+    cases = [
+        (["task.train_shots=30"], "task error: train split: shots + queries = 30 + 1 = 31 drawings per class"),
+        (["algorithm=protonets", "task.train_ways=30"], "task error: train split: 30-way tasks need at least 30"),
+        (["data.dataset=omniglot", f"data.root={tmp_path / 'none'}"], "data error: Omniglot background set not found"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        proc = run_cli("train_maml.py", *TINY, *args, f"out_dir={out}", check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists()
+    proc = run_cli("evaluate.py", str(tmp_path / "missing.pt"), check=False)
+    assert proc.returncode != 0 and "no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
     with pytest.raises(ConfigError, match="needs device=cuda"):
         load_config(["train.cuda_graph=true", "device=cpu"])
