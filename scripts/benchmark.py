@@ -22,7 +22,7 @@ from torch import nn
 import meta
 from meta.benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
 from meta.benchmarks.memory_probe import probe
-from meta.benchmarks.meta_step import Setting, candidates, ours, paper_grid, random_tasks
+from meta.benchmarks.meta_step import CANDIDATE_NAMES, Setting, candidates, ours, paper_grid, random_tasks
 from meta.training.run_log import device_name, git_commit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +37,15 @@ parser.add_argument("--no-l2l", action="store_true", help="skip learn2learn (if 
 parser.add_argument("--skip-timing", action="store_true", help="skip the meta-step timing grid")
 parser.add_argument("--skip-memory", action="store_true", help="skip the memory probes")
 args = parser.parse_args()
+drivers = [d for d in args.drivers.split(",") if d]
+if unknown := sorted(set(drivers) - set(CANDIDATE_NAMES)):
+    parser.error(f"--drivers: unknown {unknown}; choose from {', '.join(CANDIDATE_NAMES)}")
+if drivers and "auto" not in drivers:
+    parser.error("--drivers must include auto: every row reports the others against it")
+grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
+grid = [] if args.skip_timing else [s for s in grid if any(text in s.name for text in args.only.split(","))]
+if args.only and not args.skip_timing and not grid:
+    parser.error(f"--only {args.only!r} matches no setting; names look like {paper_grid()[0].name!r}")
 device = torch.device(args.device)
 if device.type == "cuda" and not torch.cuda.is_available():
     sys.exit("--device cuda was asked for, but no CUDA device is available")
@@ -179,18 +188,15 @@ if not args.skip_memory:
 memory = {"setting": mem_setting.name, "rows": memory_rows}
 
 # ---- meta-steps -----------------------------------------------------------------------------
-grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
-grid = [] if args.skip_timing else grid
 # cheapest first, so that a cut-short run has the most rows
-grid = sorted((s for s in grid if any(text in s.name for text in args.only.split(","))),
-              key=lambda s: s.tasks * s.ways * (s.shots * s.steps + s.queries) * (2 - s.first_order))
+grid = sorted(grid, key=lambda s: s.tasks * s.ways * (s.shots * s.steps + s.queries) * (2 - s.first_order))
 rows = []
 for s in grid:
     net = meta.build_model("conv4", ways=s.ways, generator=torch.Generator().manual_seed(0)).to(device)
     tasks = random_tasks(s, device, generator)
     flops = count_flops(ours(net, s, tasks, "loop"))
     fns = candidates(net, s, tasks, with_l2l=not args.no_l2l)
-    fns = {k: f for k, f in fns.items() if k in args.drivers.split(",")} if args.drivers else fns
+    fns = {k: f for k, f in fns.items() if k in drivers} if drivers else fns
     timings = interleaved_medians(fns, repeats=2 if args.quick else args.repeats, device=device)
     row = {"setting": s.name, **vars(s), "gflop": flops / 1e9, "drivers": {},
            "auto_choice": ", ".join(fns["auto"].learner.auto_driver.choices.values())}

@@ -137,6 +137,11 @@ def learn2learn_maml(model: nn.Module, s: Setting, tasks: Tasks) -> Callable[[],
     return step
 
 
+#: every implementation :func:`candidates` can return, by name (``vmap+cudagraph`` on CUDA only)
+CANDIDATE_NAMES = ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads", "functorch",
+                   "vmap+cudagraph", "learn2learn")
+
+
 def candidates(model: nn.Module, s: Setting, tasks: Tasks, with_l2l: bool = True) -> dict[str, Callable[[], None]]:
     """Every implementation to compare, by name."""
     out = {
