@@ -24,6 +24,24 @@ class FusedNormError(ValueError):
     """A fused norm layer would give wrong second-order meta-gradients under vmap."""
 
 
+def check_tasks(tasks: Tasks) -> Tasks:
+    """``tasks`` as a tuple, after checking it is ``(support_x, support_y, query_x, query_y)`` with a leading task
+    dimension, ``[tasks, examples, ...]`` images and ``[tasks, examples]`` integer labels (no device sync)."""
+    tasks = tuple(tasks)
+    if len(tasks) != 4:
+        raise ValueError(f"tasks must be (support_x, support_y, query_x, query_y), got {len(tasks)} tensors")
+    sx, sy, qx, qy = tasks
+    for name, labels in (("support_y", sy), ("query_y", qy)):
+        if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"{name} must be integer class labels shaped [tasks, examples], got {labels.dtype} "
+                             f"{tuple(labels.shape)} (one task needs a leading task dimension of 1)")
+    if sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape or sx.shape[0] != qx.shape[0]:
+        raise ValueError(f"task tensors disagree: support_x {tuple(sx.shape)}, support_y {tuple(sy.shape)}, "
+                         f"query_x {tuple(qx.shape)}, query_y {tuple(qy.shape)}; expected [tasks, examples, ...] "
+                         f"images with [tasks, examples] labels and the same number of tasks in all four")
+    return tasks
+
+
 def _to_key(name: str) -> str:
     if "__" in name:
         raise ValueError(f"rule parameter name {name!r} must not contain '__'")
@@ -113,10 +131,11 @@ class MetaLearner(nn.Module):
         ``tasks`` is ``(support_x, support_y, query_x, query_y)``, each shaped ``[tasks, n*k, ...]``.
         """
         self._check_driver(driver, second_order=not self.rule.first_order and self.inner_steps > 0)
+        tasks = check_tasks(tasks)
         params, rule_params, buffers = self._detached_state()
         task_fn = self.task_fn(step_weights=self.step_weights)
         run = self.auto_driver if driver == "auto" else DRIVERS[driver]
-        return run(task_fn, params, rule_params, buffers, tuple(tasks), chunk_size)
+        return run(task_fn, params, rule_params, buffers, tasks, chunk_size)
 
     def write_grads(self, result: TaskBatchResult) -> None:
         """Store a result's meta-gradients in ``.grad`` of the model and rule parameters (copied into the
@@ -151,4 +170,5 @@ class MetaLearner(nn.Module):
         ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
         """
         params, rule_params, buffers = self._detached_state()
-        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, tuple(tasks), chunk_size)
+        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, check_tasks(tasks),
+                            chunk_size)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import meta
+from meta.algorithms import Reptile
 from meta.models import relative_error, set_conv_impl
 from tests.helpers import random_tasks, reference_maml
 
@@ -187,6 +188,19 @@ def test_evaluate_matches_meta_gradient_forward(tasks):
     result = learner.meta_gradient(tasks, driver="loop")
     assert torch.allclose(loss, result.loss, rtol=1e-12)
     assert torch.equal(accuracy, result.accuracy)
+
+
+def test_task_tensors_of_the_wrong_shape_are_named(tasks):
+    sx, sy, qx, qy = tasks
+    learner = make_learner("mlp", "task_bn", steps=1, first_order=False)
+    reptile = Reptile(learner.model, meta.sgd(), inner_steps=1)
+    cases = [((sx, sy[:, :1], qx, qy), "task tensors disagree"), ((sx, sy, qx[:2], qy[:2]), "task tensors disagree"),
+             ((sx, sy.double(), qx, qy), "support_y must be integer class labels"),
+             ((sx[0], sy[0], qx[0], qy[0]), "leading task dimension"), ((sx, sy, qx), "got 3 tensors")]
+    for bad, message in cases:
+        for call in (lambda b: learner.meta_gradient(b, driver="loop"), learner.evaluate, reptile.meta_gradient):
+            with pytest.raises(ValueError, match=message):
+                call(bad)
 
 
 def test_bad_driver_and_steps():

@@ -14,7 +14,7 @@ import torch
 from torch.func import grad, jvp
 
 from meta.drivers import TaskBatchResult
-from meta.learner import MetaLearner, Tasks
+from meta.learner import MetaLearner, Tasks, check_tasks
 from meta.models.functional import functional_forward
 from meta.rules.base import InnerRule
 
@@ -119,6 +119,7 @@ class IMAML(MetaLearner):
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
         """Per-task proximal adaptation and implicit gradients (vmapped over tasks, or a Python loop)."""
         self._check_driver(driver, second_order=True)
+        tasks = check_tasks(tasks)
         params, rule_params, buffers = self._detached_state()
         fn = self._task(None, None, with_grad=True, lam=self.lam)
         if driver != "loop":  # vmap (or a vectorized driver such as auto)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from meta.drivers import TaskBatchResult
-from meta.learner import MetaLearner, Tasks
+from meta.learner import MetaLearner, Tasks, check_tasks
 
 IN_DIMS = (None, None, None, 0, 0, 0, 0)
 
@@ -28,6 +28,7 @@ class Reptile(MetaLearner):
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
         """Adapt every task (vmapped over tasks, or a Python loop) and form the Reptile direction."""
         self._check_driver(driver, second_order=False)
+        tasks = check_tasks(tasks)
         params, rule_params, buffers = self._detached_state()
         task_fn = self.task_fn()
         if driver != "loop":  # vmap (or a vectorized driver such as auto)
