@@ -214,8 +214,8 @@ class AutoDriver:
     several threads; they compute the same numbers up to rounding, so the choice changes speed only.
     Each candidate runs once to warm up, then ``timed_rounds`` times, interleaved; the fastest single time
     wins. Candidates whose warm-up took over ``prune_factor`` times the fastest warm-up are not timed again.
-    The choice is cached per setting (task shapes, dtype, device, chunk size, inner steps, rule), like
-    ``cudnn.benchmark``; ``choices`` records it so runs can log what ran.
+    The choice is cached per setting (task shapes, dtype, device, chunk size, inner steps, rule, inner
+    mini-batch), like ``cudnn.benchmark``; ``choices`` records it so runs can log what ran.
     """
 
     def __init__(self, timed_rounds: int = 2, prune_factor: float = 3.0) -> None:
@@ -228,7 +228,7 @@ class AutoDriver:
         keywords = getattr(task_fn, "keywords", {})
         rule = keywords.get("rule")
         return (tuple(tuple(t.shape) for t in tasks), tasks[0].dtype, tasks[0].device.type, chunk_size,
-                keywords.get("steps"), getattr(rule, "name", None))
+                keywords.get("steps"), getattr(rule, "name", None), keywords.get("batch_size"))
 
     @staticmethod
     def _run(candidate: str, *args) -> TaskBatchResult:
