@@ -113,10 +113,7 @@ def test_cuda_graph_training_steps_match_eager_steps(driver):
             lr = 1e-3 * (1 - i / 10)  # a schedule: the graphed optimizer's lr tensor is filled in place
             eager_opt.param_groups[0]["lr"] = lr
             graphed_opt.param_groups[0]["lr"].fill_(lr)
-            result = eager.meta_gradient(batch, driver=driver)
-            eager_opt.zero_grad(set_to_none=True)
-            eager.write_grads(result)
-            eager_opt.step()
+            result = eager.train_step(eager_opt, batch, driver=driver)
             loss, accuracy = graphed(batch)
             assert torch.allclose(loss, result.loss, rtol=1e-5), i
             if driver != "auto":  # two auto drivers may pick different (equally exact) strategies
@@ -146,10 +143,7 @@ def test_cuda_graph_follows_mamlpp_schedules():
             batch = float32_tasks(seed=i)
             for learner in (eager, graphed_learner):
                 learner.set_iteration(i, total)
-            result = eager.meta_gradient(batch, driver="vmap")
-            eager_opt.zero_grad(set_to_none=True)
-            eager.write_grads(result)
-            eager_opt.step()
+            result = eager.train_step(eager_opt, batch, driver="vmap")
             loss, _ = graphed(batch)
             assert torch.allclose(loss, result.loss, rtol=1e-5), i
     # first order + MSL (steps 0-1), second order + MSL (2-3), second order, last step only (4-6)

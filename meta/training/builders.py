@@ -99,7 +99,7 @@ def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> 
         learner = IMAML(model, rule, steps, lam=cfg.imaml.lam, cg_steps=cfg.imaml.cg_steps,
                         test_lam=cfg.imaml.test_lam)
     elif cfg.algorithm == "protonets":
-        learner = ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or cfg.task.ways))
+        learner = ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or 0))
     else:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
     learner.inner_batch_size = cfg.inner.batch_size

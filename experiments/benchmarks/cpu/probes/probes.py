@@ -42,6 +42,17 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 6) -> dict[s
     return {k: 1000 * statistics.median(v[1:]) for k, v in times.items()}
 
 
+def on_threads(threads: int, fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` run with ``threads`` torch threads, then back to 2."""
+    def run() -> None:
+        torch.set_num_threads(threads)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(2)
+    return run
+
+
 def setup(ways: int, shots: int, tasks: int, steps: int, first_order: bool = False):
     s = Setting(ways, shots, shots, tasks, steps, first_order)
     batch = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
@@ -235,15 +246,8 @@ def probe_thread_scaling() -> None:
         loops = {"learn2learn": learn2learn_maml(model, s, batch),
                  "loop_autograd": ours(model, s, batch, "loop_autograd")}
 
-        def on(threads, fn):
-            def run():
-                torch.set_num_threads(threads)
-                fn()
-                torch.set_num_threads(2)
-            return run
-
-        ms = interleaved({**{f"{k}, 1 thread": on(1, f) for k, f in loops.items()},
-                          **{f"{k}, 2 threads": on(2, f) for k, f in loops.items()},
+        ms = interleaved({**{f"{k}, 1 thread": on_threads(1, f) for k, f in loops.items()},
+                          **{f"{k}, 2 threads": on_threads(2, f) for k, f in loops.items()},
                           "loop_threads (2 workers)": ours(model, s, batch, "loop_threads")}, rounds=4)
         print(s.name, {k: f"{v:.0f} ms" for k, v in ms.items()})
         print("  learn2learn, 1 -> 2 threads:", f"{ms['learn2learn, 1 thread'] / ms['learn2learn, 2 threads']:.2f}x;",
@@ -303,7 +307,7 @@ def probe_shared_first_step() -> None:
         forward = meta.models.functional_forward(model)
         sx, sy, qx, qy = batch
 
-        def vmapped_first_grads(leaves, sx=sx, sy=sy, forward=forward, buffers=buffers):
+        def vmapped_first_grads(leaves, sx, sy, forward=forward, buffers=buffers):
             def support_loss(p, x, y):
                 return F.cross_entropy(forward(p, buffers, x), y)
             return vmap(grad(support_loss), in_dims=(None, 0, 0))(leaves, sx, sy)
@@ -312,7 +316,7 @@ def probe_shared_first_step() -> None:
             sx, sy, qx, qy = batch
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             with torch.enable_grad():
-                g0 = first_grads(leaves, sx, sy) if first_grads is shared_first_grads else first_grads(leaves)
+                g0 = first_grads(leaves, sx, sy)
                 total = sum(F.cross_entropy(forward({k: leaves[k] - s.lr * g0[k][i] for k in leaves}, buffers, qx[i]),
                                             qy[i]) for i in range(len(qx)))
                 return dict(zip(leaves, torch.autograd.grad(total / len(qx), list(leaves.values()))))
@@ -377,16 +381,7 @@ def probe_kernel_floor() -> None:
         s, batch, model, learner = setup(ways, shots, tasks_, steps)
         l2l, loop = learn2learn_maml(model, s, batch), ours(model, s, batch, "loop_autograd")
 
-        def one_thread(fn):
-            def run():
-                torch.set_num_threads(1)
-                try:
-                    fn()
-                finally:
-                    torch.set_num_threads(2)
-            return run
-
-        ms = interleaved({"learn2learn (2 threads)": l2l, "loop_autograd (1 thread)": one_thread(loop),
+        ms = interleaved({"learn2learn (2 threads)": l2l, "loop_autograd (1 thread)": on_threads(1, loop),
                           "loop_threads": ours(model, s, batch, "loop_threads")}, rounds=4)
         torch.set_num_threads(1)
         with torch.profiler.profile() as profile:
