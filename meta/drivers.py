@@ -185,6 +185,42 @@ def threaded(driver: Callable[..., TaskBatchResult], name: str) -> Callable[...,
 threaded_loop_driver = threaded(loop_autograd_driver, "threaded_loop_driver")
 
 
+# ---- drivers for outer strategies without a meta-backward pass (Reptile, iMAML) ---------------------------------
+# Their per-task function returns ``(loss, accuracy, grads, adapted)`` where ``grads`` is the task's own
+# contribution to the outer direction (Reptile: initial - adapted; iMAML: the implicit meta-gradient); the drivers
+# map it over the tasks and average ``grads``. They take and return the same shapes as the drivers above.
+
+
+def map_vmap_driver(
+    task_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, Params, Params]],
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    tasks: tuple[torch.Tensor, ...],
+    chunk_size: int | None = None,
+) -> TaskBatchResult:
+    """``torch.vmap`` of the per-task function over tasks, then the mean of its per-task directions."""
+    loss, accuracy, grads, adapted = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)(
+        params, rule_params, buffers, *tasks
+    )
+    return TaskBatchResult(loss, accuracy, _mean_over_tasks(grads), {}, adapted)
+
+
+def map_loop_driver(
+    task_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, Params, Params]],
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    tasks: tuple[torch.Tensor, ...],
+    chunk_size: int | None = None,
+) -> TaskBatchResult:
+    """The reference: a Python for-loop over tasks calling the same per-task function."""
+    rows = [task_fn(params, rule_params, buffers, *(t[i] for t in tasks)) for i in range(len(tasks[0]))]
+    loss, accuracy = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    grads, adapted = _stack([r[2] for r in rows]), _stack([r[3] for r in rows])
+    return TaskBatchResult(loss, accuracy, _mean_over_tasks(grads), {}, adapted)
+
+
 def vmap_forward(
     task_fn: TaskFn,
     params: Params,
@@ -209,6 +245,9 @@ AUTO_CANDIDATES: dict[str, tuple[str, ...]] = {
 class AutoDriver:
     """Picks the fastest exact strategy per setting by timing each candidate on the first batch.
 
+    ``drivers`` and ``candidates`` default to the meta-gradient drivers (:data:`DRIVERS`, :data:`AUTO_CANDIDATES`);
+    learners whose outer strategy has its own driver table (:data:`MAP_DRIVERS`) pass theirs.
+
     Candidates (:data:`AUTO_CANDIDATES`) are the vmap driver, the functorch-example shape (vmap forward,
     autograd backward), the learn2learn shape (loop, autograd backward per task) and, on a CPU, that loop on
     several threads; they compute the same numbers up to rounding, so the choice changes speed only.
@@ -218,9 +257,17 @@ class AutoDriver:
     mini-batch), like ``cudnn.benchmark``; ``choices`` records it so runs can log what ran.
     """
 
-    def __init__(self, timed_rounds: int = 2, prune_factor: float = 3.0) -> None:
+    def __init__(
+        self,
+        timed_rounds: int = 2,
+        prune_factor: float = 3.0,
+        drivers: dict[str, Callable[..., TaskBatchResult]] | None = None,
+        candidates: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.timed_rounds = timed_rounds
         self.prune_factor = prune_factor
+        self.drivers = DRIVERS if drivers is None else drivers
+        self.candidates = AUTO_CANDIDATES if candidates is None else candidates
         self.choices: dict[tuple, str] = {}
 
     @staticmethod
@@ -230,11 +277,10 @@ class AutoDriver:
         return (tuple(tuple(t.shape) for t in tasks), tasks[0].dtype, tasks[0].device.type, chunk_size,
                 keywords.get("steps"), getattr(rule, "name", None), keywords.get("batch_size"))
 
-    @staticmethod
-    def _run(candidate: str, *args) -> TaskBatchResult:
+    def _run(self, candidate: str, *args) -> TaskBatchResult:
         driver, impl = candidate.split("+")
         with conv_impl(impl):
-            return DRIVERS[driver](*args)
+            return self.drivers[driver](*args)
 
     def __call__(
         self,
@@ -250,7 +296,7 @@ class AutoDriver:
         if key in self.choices:
             return self._run(self.choices[key], *args)
         device = tasks[0].device
-        candidates = AUTO_CANDIDATES.get(device.type, AUTO_CANDIDATES["cuda"])
+        candidates = self.candidates.get(device.type, self.candidates["cuda"])
         if chunk_size is not None:  # bounded memory was asked for: vmap_autograd keeps every chunk's graph
             candidates = tuple(c for c in candidates if not c.startswith("vmap_autograd"))
         warmup: dict[str, float] = {}
@@ -286,3 +332,19 @@ DRIVERS: dict[str, Callable[..., TaskBatchResult]] = {
 }
 #: Drivers that may run the per-task function under ``torch.vmap``.
 VECTORIZED_DRIVERS = ("vmap", "vmap_autograd", "auto")
+
+#: Drivers of the outer strategies without a meta-backward pass (Reptile, iMAML): there is no backward for the
+#: ``*_autograd`` drivers to differ in, so these are all they have.
+MAP_DRIVERS: dict[str, Callable[..., TaskBatchResult]] = {
+    "vmap": map_vmap_driver,
+    "loop": map_loop_driver,
+    "loop_threads": threaded(map_loop_driver, "threaded_map_loop_driver"),
+}
+MAP_AUTO_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "cpu": ("vmap+native", "loop+native", "loop_threads+native"),
+    "cuda": ("vmap+native", "loop+native"),
+}
+#: The same without threads, for per-task functions that use forward-mode AD (``torch.func.jvp``, iMAML's
+#: Hessian-vector products): its dual level is process-global, so two threads running it at once break it.
+UNTHREADED_MAP_DRIVERS = {k: v for k, v in MAP_DRIVERS.items() if k != "loop_threads"}
+UNTHREADED_MAP_AUTO_CANDIDATES = {"cpu": ("vmap+native", "loop+native"), "cuda": ("vmap+native", "loop+native")}

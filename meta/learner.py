@@ -59,6 +59,10 @@ class MetaLearner(nn.Module):
     model's parameters and the rule's parameters (``learner.rule_params``).
     """
 
+    #: the drivers this learner's outer strategy runs on (``auto`` chooses among them); subclasses whose outer
+    #: strategy has no meta-backward pass use :data:`meta.drivers.MAP_DRIVERS`
+    drivers: dict[str, Callable[..., TaskBatchResult]] = DRIVERS
+
     def __init__(
         self,
         model: nn.Module,
@@ -85,7 +89,15 @@ class MetaLearner(nn.Module):
         )
         self._fused_norms = find_fused_norms(model)
         #: the ``auto`` driver, with its cached per-setting choices
-        self.auto_driver = AutoDriver()
+        self.auto_driver = self._make_auto_driver()
+
+    def _make_auto_driver(self) -> AutoDriver:
+        return AutoDriver()
+
+    @classmethod
+    def supported_drivers(cls) -> tuple[str, ...]:
+        """The driver names this learner accepts: its driver table and ``auto``."""
+        return (*cls.drivers, "auto")
 
     def functional_state(self) -> tuple[Params, Params, Params]:
         """``(params, rule_params, buffers)`` as name -> tensor dicts."""
@@ -115,8 +127,9 @@ class MetaLearner(nn.Module):
         for per-iteration schedules such as MAML++'s. Stateless: a resumed run calls it again. No-op here."""
 
     def _check_driver(self, driver: str, second_order: bool) -> None:
-        if driver not in (*DRIVERS, "auto"):
-            raise ValueError(f"unknown driver {driver!r}; choose one of {sorted((*DRIVERS, 'auto'))}")
+        if driver not in self.supported_drivers():
+            raise ValueError(f"{type(self).__name__} does not run on driver {driver!r}; choose one of "
+                             f"{sorted(self.supported_drivers())}")
         if driver in VECTORIZED_DRIVERS and second_order and self._fused_norms:
             layers = ", ".join(f"{path} ({kind})" for path, kind in self._fused_norms)
             raise FusedNormError(
@@ -134,7 +147,7 @@ class MetaLearner(nn.Module):
         tasks = check_tasks(tasks)
         params, rule_params, buffers = self._detached_state()
         task_fn = self.task_fn(step_weights=self.step_weights)
-        run = self.auto_driver if driver == "auto" else DRIVERS[driver]
+        run = self.auto_driver if driver == "auto" else self.drivers[driver]
         return run(task_fn, params, rule_params, buffers, tasks, chunk_size)
 
     def write_grads(self, result: TaskBatchResult) -> None:

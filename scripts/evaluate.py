@@ -20,6 +20,7 @@ from meta.training.builders import (
     build_inner_rule,
     build_learner,
     build_sampler,
+    check_test_rule,
     resolve_device,
     resolve_dtype,
     test_inner_steps,
@@ -47,11 +48,16 @@ except ValueError as error:  # a task shape the split cannot supply
 
 learner = build_learner(cfg, dtype, device)
 learner.load_state_dict(state["learner"])
+test_rule = build_inner_rule(cfg, test=True)
+try:
+    check_test_rule(cfg, learner, test_rule)
+except ValueError as error:  # an inner.test_lr that would change nothing
+    sys.exit(f"config error: {error}")
 start = time.perf_counter()
 test = evaluate_learner(
     learner, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
     batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
-    rule=build_inner_rule(cfg, test=True), dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
+    rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
 )
 results = {"test": test, "checkpoint": str(path), "step": state["step"], **run_metadata(cfg, device),
            "test_wall_time_s": time.perf_counter() - start}

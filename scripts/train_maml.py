@@ -28,6 +28,7 @@ from meta.training.builders import (
     build_learner,
     build_optimizer,
     build_samplers,
+    check_test_rule,
     resolve_device,
     resolve_dtype,
     test_inner_steps,
@@ -72,10 +73,14 @@ except DataError as error:  # missing or corrupt files
     sys.exit(f"data error: {error}")
 except ValueError as error:  # a task shape the split cannot supply
     sys.exit(f"task error: {error}")
-out_dir.mkdir(parents=True, exist_ok=True)
-print(f"writing to {out_dir.resolve()}")
 learner = build_learner(cfg, dtype, device)
 test_rule = build_inner_rule(cfg, test=True)
+try:
+    check_test_rule(cfg, learner, test_rule)
+except ValueError as error:  # an inner.test_lr that would change nothing
+    sys.exit(f"config error: {error}")
+out_dir.mkdir(parents=True, exist_ok=True)
+print(f"writing to {out_dir.resolve()}")
 test_steps = test_inner_steps(cfg)
 optimizer = build_optimizer(cfg, learner)
 generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks

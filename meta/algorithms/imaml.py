@@ -13,14 +13,13 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, jvp
 
-from meta.drivers import TaskBatchResult
+from meta.drivers import UNTHREADED_MAP_AUTO_CANDIDATES, UNTHREADED_MAP_DRIVERS, AutoDriver, TaskBatchResult
 from meta.learner import MetaLearner, Tasks, check_tasks
 from meta.models.functional import functional_forward
 from meta.rules.base import InnerRule
 
 Params = dict[str, torch.Tensor]
 Objective = Callable[[Params], torch.Tensor]
-IN_DIMS = (None, None, None, 0, 0, 0, 0)
 
 
 def _dot(a: Params, b: Params) -> torch.Tensor:
@@ -81,7 +80,11 @@ def implicit_meta_grad(
 class IMAML(MetaLearner):
     """iMAML on the shared core: same interface as :class:`MetaLearner`. ``evaluate`` adapts with the
     proximal term ``test_lam`` (default ``lam``; the official code measures accuracy with 0).
-    The rule adapts every parameter and must have no learnable parameters."""
+    The rule adapts every parameter and must have no learnable parameters. Nothing is backpropagated through
+    the inner loop, so it runs on :data:`meta.drivers.UNTHREADED_MAP_DRIVERS` (``vmap``, ``loop``, ``auto``;
+    its Hessian-vector products use forward-mode AD, which cannot run on several threads at once)."""
+
+    drivers = UNTHREADED_MAP_DRIVERS
 
     def __init__(self, *args, lam: float = 2.0, cg_steps: int = 5, test_lam: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -89,6 +92,9 @@ class IMAML(MetaLearner):
             raise ValueError(f"iMAML cannot train the rule parameters of {self.rule.name}; use a rule without any")
         self.lam, self.cg_steps = lam, cg_steps
         self.test_lam = lam if test_lam is None else test_lam
+
+    def _make_auto_driver(self) -> AutoDriver:
+        return AutoDriver(drivers=UNTHREADED_MAP_DRIVERS, candidates=UNTHREADED_MAP_AUTO_CANDIDATES)
 
     def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights=None) -> Callable:
         """Per-task ``(query loss, (accuracy, phi))`` after the test-time proximal solve (no meta-gradient)."""
@@ -117,17 +123,10 @@ class IMAML(MetaLearner):
 
     @torch.no_grad()
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
-        """Per-task proximal adaptation and implicit gradients (vmapped over tasks, or a Python loop)."""
+        """Per-task proximal adaptation and implicit gradients on ``driver``, averaged over tasks."""
         self._check_driver(driver, second_order=True)
         tasks = check_tasks(tasks)
         params, rule_params, buffers = self._detached_state()
-        fn = self._task(None, None, with_grad=True, lam=self.lam)
-        if driver != "loop":  # vmap (or a vectorized driver such as auto)
-            loss, accuracy, grads, phi = torch.vmap(fn, in_dims=IN_DIMS, chunk_size=chunk_size)(
-                params, rule_params, buffers, *tasks
-            )
-        else:
-            rows = [fn(params, rule_params, buffers, *(t[i] for t in tasks)) for i in range(len(tasks[0]))]
-            loss, accuracy = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-            grads, phi = ({k: torch.stack([r[j][k] for r in rows]) for k in params} for j in (2, 3))
-        return TaskBatchResult(loss, accuracy, {k: g.mean(dim=0) for k, g in grads.items()}, {}, phi)
+        run = self.auto_driver if driver == "auto" else self.drivers[driver]
+        return run(self._task(None, None, with_grad=True, lam=self.lam), params, rule_params, buffers, tasks,
+                   chunk_size)

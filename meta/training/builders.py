@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -11,9 +12,13 @@ from meta.algorithms import IMAML, MAMLPlusPlus, ProtoNet, Reptile
 from meta.data import ClassPool, TaskSampler, load_mnist, load_omniglot, synthetic_pool
 from meta.learner import MetaLearner
 from meta.models import build_model
-from meta.rules import InnerRule, build_rule, first_order
+from meta.rules import RULES, InnerRule, build_rule, first_order
 
 SPLITS = ("train", "val", "test")
+#: the learner class of each ``algorithm`` (constructed by :func:`build_learner`)
+LEARNER_CLASSES: dict[str, type[MetaLearner]] = {
+    "maml": MetaLearner, "mamlpp": MAMLPlusPlus, "reptile": Reptile, "imaml": IMAML, "protonets": ProtoNet,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,17 +149,36 @@ def apply_schedules(cfg: DictConfig, learner: MetaLearner, optimizer: torch.opti
 
 
 def build_inner_rule(cfg: DictConfig, test: bool = False) -> InnerRule:
-    """The training rule, or the test-time one (``inner.test_lr``) with ``test=True``."""
+    """The training rule, or the test-time one (``inner.test_lr``) with ``test=True``.
+
+    ``inner.learnable_lr`` goes to every rule factory that takes a ``learnable`` argument (sgd, momentum), so
+    ``false`` means a fixed step size for all of them (config validation refuses ``true`` for the others)."""
     lr = cfg.inner.lr
-    if test and cfg.inner.test_lr is not None:
-        if cfg.inner.learnable_lr:
-            raise ValueError("inner.test_lr cannot override a learnable learning rate; leave it null")
+    if test and cfg.inner.test_lr is not None:  # validate() refuses it with inner.learnable_lr
         lr = cfg.inner.test_lr
     kwargs = {"lr": lr, **OmegaConf.to_container(cfg.inner.options, resolve=True)}
-    if cfg.inner.rule == "sgd":
+    if "learnable" in inspect.signature(RULES[cfg.inner.rule]).parameters:  # validate() refused it elsewhere
         kwargs["learnable"] = cfg.inner.learnable_lr
     rule = build_rule(cfg.inner.rule, **kwargs)
     return first_order(rule) if cfg.inner.first_order and not rule.first_order else rule
+
+
+def check_test_rule(cfg: DictConfig, learner: MetaLearner, test_rule: InnerRule) -> None:
+    """Refuse an ``inner.test_lr`` that would change nothing: one step of the test-time rule from the learner's
+    parameters must differ from one step of the training rule (it does not where the rule takes its step size
+    from meta-learned tensors, such as Meta-SGD's or MAML++'s LSLR). No-op when ``inner.test_lr`` is null."""
+    if cfg.inner.test_lr is None or cfg.inner.test_lr == cfg.inner.lr:
+        return
+    params, rule_params, _ = learner.functional_state()
+    fast = {k: v.detach() for k, v in params.items() if learner.rule.adapts(k)}
+    shape = (1,) if learner.rule.per_sample else ()  # per-sample rules take [samples, *shape] gradients
+    grads = {k: torch.ones(shape + v.shape, dtype=v.dtype, device=v.device) for k, v in fast.items()}
+    rule_params = {k: v.detach() for k, v in rule_params.items()}
+    stepped = [rule.step(fast, grads, rule.init(fast), rule_params, 0)[0] for rule in (learner.rule, test_rule)]
+    if all(torch.equal(stepped[0][k], stepped[1][k]) for k in fast):
+        raise ValueError(f"inner.test_lr={cfg.inner.test_lr} has no effect on rule {learner.rule.name!r}: its step "
+                         f"size comes from meta-learned tensors ({', '.join(sorted(rule_params)) or 'none'}); "
+                         f"leave inner.test_lr null")
 
 
 def test_inner_steps(cfg: DictConfig) -> int:

@@ -238,6 +238,11 @@ def validate(cfg: DictConfig) -> None:
                           f"algorithm={cfg.algorithm}")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
+    from meta.training.builders import LEARNER_CLASSES
+
+    drivers = LEARNER_CLASSES[cfg.algorithm].supported_drivers()
+    if cfg.driver not in drivers:
+        raise ConfigError(f"algorithm={cfg.algorithm} does not run on driver={cfg.driver}; choose one of {drivers}")
     if cfg.train.cuda_graph:
         from meta.training.cuda_graph import GRAPHABLE_DRIVERS
 
@@ -258,6 +263,13 @@ def validate(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.inner.options) - accepted)
     if unknown:
         raise ConfigError(f"inner.options {unknown} are not arguments of rule {cfg.inner.rule!r}: {sorted(accepted)}")
+    if cfg.inner.test_lr is not None and cfg.inner.learnable_lr:
+        raise ConfigError("inner.test_lr cannot override a learnable step size (inner.learnable_lr=true); leave null")
+    if "learnable" in cfg.inner.options:
+        raise ConfigError("set a learnable step size with inner.learnable_lr, not inner.options.learnable")
+    if cfg.inner.learnable_lr and "learnable" not in accepted:
+        raise ConfigError(f"inner.learnable_lr=true: rule {cfg.inner.rule!r} has no learnable-step-size option "
+                          f"(its factory takes no 'learnable' argument); leave inner.learnable_lr false")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -1,0 +1,97 @@
+"""Seams between learners, drivers and rules: every algorithm honours the driver it is given or refuses it,
+``inner.learnable_lr`` means the same for every rule, and ``inner.test_lr`` never silently does nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meta.algorithms import IMAML, Reptile
+from meta.evaluation import evaluate_learner
+from meta.training.builders import (
+    build_inner_rule,
+    build_learner,
+    build_sampler,
+    check_test_rule,
+)
+from meta.training.config import ConfigError, load_config
+from tests.helpers import random_tasks
+from tests.test_rules import assert_same, small_model
+from tests.test_training import TINY, run_cli
+
+MAP_LEARNERS = {
+    "reptile": lambda: Reptile(small_model(), build_inner_rule(load_config(["inner.rule=adam", "inner.lr=0.01"])), 3),
+    "imaml": lambda: IMAML(small_model(), build_inner_rule(load_config(["inner.lr=0.1"])), 3, lam=2.0, cg_steps=3),
+}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return random_tasks(tasks=4, ways=5, shots=2, queries=2, size=8)
+
+
+@pytest.mark.parametrize(("algorithm", "driver"), [("reptile", "vmap"), ("reptile", "loop_threads"),
+                                                   ("reptile", "auto"), ("imaml", "vmap"), ("imaml", "auto")])
+def test_reptile_and_imaml_run_each_driver_they_accept(algorithm, driver, tasks):
+    learner = MAP_LEARNERS[algorithm]()
+    reference = learner.meta_gradient(tasks, driver="loop")
+    assert_same(learner.meta_gradient(tasks, driver=driver), reference)
+    if driver == "auto":  # auto timed this learner's own candidates (it used to mean plain vmap, untimed)
+        chosen = list(learner.auto_driver.choices.values())
+        assert len(chosen) == 1 and chosen[0].split("+")[0] in learner.drivers
+
+
+@pytest.mark.parametrize(("algorithm", "driver"), [("reptile", "vmap_autograd"), ("reptile", "loop_autograd"),
+                                                   ("imaml", "vmap_autograd"), ("imaml", "loop_threads")])
+def test_reptile_and_imaml_refuse_drivers_without_a_meaning_for_them(algorithm, driver, tasks):
+    learner = MAP_LEARNERS[algorithm]()
+    with pytest.raises(ValueError, match="does not run on driver"):
+        learner.meta_gradient(tasks, driver=driver)
+    with pytest.raises(ConfigError, match=f"algorithm={algorithm} does not run on driver={driver}"):
+        load_config([f"algorithm={algorithm}", f"driver={driver}"])
+
+
+def test_learnable_lr_false_means_a_fixed_step_for_momentum_too():
+    fixed = build_learner(load_config([*TINY, "inner.rule=momentum"]), torch.float64, torch.device("cpu"))
+    assert len(fixed.rule_params) == 0
+    learnable = build_learner(load_config([*TINY, "inner.rule=momentum", "inner.learnable_lr=true"]),
+                              torch.float64, torch.device("cpu"))
+    assert set(learnable.rule_params) == {"lr"}
+
+
+def test_learnable_lr_for_a_rule_without_that_option_is_refused():
+    with pytest.raises(ConfigError, match="has no learnable-step-size option"):
+        load_config(["inner.rule=metasgd", "inner.learnable_lr=true"])
+    with pytest.raises(ConfigError, match="inner.learnable_lr, not inner.options.learnable"):
+        load_config(["inner.rule=momentum", "inner.options={learnable: true}"])
+
+
+def test_test_lr_changes_the_momentum_rules_test_time_adaptation():
+    losses = []
+    for test_lr in (0.4, 0.001):
+        cfg = load_config([*TINY, "dtype=float64", "inner.rule=momentum", f"inner.test_lr={test_lr}"])
+        learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+        rule = build_inner_rule(cfg, test=True)
+        check_test_rule(cfg, learner, rule)
+        result = evaluate_learner(learner, build_sampler(cfg, "val", torch.device("cpu")), num_tasks=10, seed=0,
+                                  batch_size=10, inner_steps=1, rule=rule, dtype=torch.float64,
+                                  device=torch.device("cpu"))
+        losses.append(result["loss"])
+    assert losses[0] != losses[1]
+
+
+@pytest.mark.parametrize("overrides", [["inner.rule=metasgd"], ["algorithm=mamlpp", "inner.rule=mamlpp",
+                                                                 "inner.options={lslr: true, steps: 1}"]])
+def test_test_lr_on_a_meta_learned_step_size_is_refused(overrides):
+    cfg = load_config([*TINY, *overrides, "inner.test_lr=0.001"])
+    learner = build_learner(cfg, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="has no effect"):
+        check_test_rule(cfg, learner, build_inner_rule(cfg, test=True))
+
+
+def test_train_script_refuses_a_test_lr_without_effect_before_writing(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train_maml.py", *TINY, "inner.rule=metasgd", "inner.test_lr=0.01", "train.iterations=2",
+                   f"out_dir={out}", check=False)
+    assert proc.returncode != 0 and "config error: inner.test_lr=0.01 has no effect" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
