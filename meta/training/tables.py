@@ -279,6 +279,7 @@ def plot_table(spec: TableSpec, rows: list[dict[str, Any]], path: Path) -> None:
     ax.errorbar([i + 0.1 for i, _ in done], [r["accuracy"] for _, r in done],
                 yerr=[r["ci95_mean"] for _, r in done], fmt="o", capsize=4, label="ours (mean task CI)")
     ax.set_xticks(x, [r["cell"] for r in rows], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(spec.title, fontsize=9)
     ax.legend()
