@@ -1,0 +1,289 @@
+"""Paper tables: the spec format of ``experiments/tables/*.yaml`` and the logic of ``scripts/reproduce.py``.
+
+A table spec names, per cell, the preset that reproduces it, the paper's number and what its ± means, the source,
+and the protocol knobs the preset must pin. The runner trains every cell and seed with ``scripts/train_maml.py``
+into ``<out>/<cell>/seed<k>``; the functions here load specs, decide what a run folder needs, label each run's
+protocol against its preset, and aggregate finished runs into the table (Markdown, JSON, figure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from meta.training.config import CONFIG_DIR, ConfigError, available_presets, load_config
+
+PM_KINDS = ("task_ci95", "seed_std", "none")  # what the paper's ± is: 95% CI over test tasks, std over seeds, none
+#: config keys that never change what a run measures: run control, paths, the seed (seeds are the table's axis)
+IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", "data.cache_dir", "preset")
+#: --minutes: a short timed run per cell; its first log window (the auto driver's choice, warm-up) is dropped
+PROBE_ITERATIONS, PROBE_LOG_EVERY = 12, 4
+_CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires"}
+_MISSING = object()
+
+
+class TableError(ValueError):
+    """A table spec is malformed, names a preset that does not exist, or a preset does not pin what it requires."""
+
+
+@dataclass
+class Cell:
+    """One number of a paper table and the preset that reproduces it."""
+
+    name: str
+    preset: str
+    paper_accuracy: float
+    paper_pm: float | None  # the ± printed next to it (null when the paper gives none)
+    pm_kind: str  # one of PM_KINDS
+    source: dict[str, str]  # paper, table, code
+    overrides: list[str] = field(default_factory=list)  # key=value applied on top of the preset
+    requires: dict[str, Any] = field(default_factory=dict)  # knobs the preset must pin, key: value
+
+
+@dataclass
+class TableSpec:
+    """A paper table: title, source and its cells."""
+
+    name: str  # the file's stem
+    title: str
+    source: str
+    cells: list[Cell]
+
+
+def load_table(path: Path | str) -> TableSpec:
+    """Read and check a table spec; every problem is a :class:`TableError` naming the cell and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"no table spec at {path}")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or not {"title", "source", "cells"} <= set(raw):
+        raise TableError(f"{path}: a table spec needs the keys title, source and cells")
+    cells, defaults = [], load_config([])
+    for i, item in enumerate(raw["cells"] or []):
+        where = f"{path.name}: cell {item.get('name', i) if isinstance(item, dict) else i}"
+        if not isinstance(item, dict) or not {"name", "preset", "paper", "source"} <= set(item):
+            raise TableError(f"{where}: a cell needs name, preset, paper and source")
+        if set(item) - _CELL_KEYS:
+            raise TableError(f"{where}: unknown keys {sorted(set(item) - _CELL_KEYS)}; allowed: {sorted(_CELL_KEYS)}")
+        paper = item["paper"]
+        if not isinstance(paper, dict) or "accuracy" not in paper or paper.get("pm_kind") not in PM_KINDS:
+            raise TableError(f"{where}: paper needs accuracy and pm_kind (one of {PM_KINDS})")
+        if (paper.get("pm") is None) != (paper["pm_kind"] == "none"):
+            raise TableError(f"{where}: paper.pm must be given unless paper.pm_kind is none")
+        if not {"paper", "table", "code"} <= set(item["source"] or {}):
+            raise TableError(f"{where}: source needs paper, table and code")
+        overrides = list(item.get("overrides") or [])
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise TableError(f"{where}: overrides {bad} are not of the form key=value")
+        requires = dict(item.get("requires") or {})
+        unknown = [k for k in requires if OmegaConf.select(defaults, k, default=_MISSING) is _MISSING]
+        if unknown:
+            raise TableError(f"{where}: requires names {unknown}, which are not config keys")
+        cells.append(Cell(name=str(item["name"]), preset=str(item["preset"]), paper_accuracy=float(paper["accuracy"]),
+                          paper_pm=None if paper.get("pm") is None else float(paper["pm"]),
+                          pm_kind=paper["pm_kind"], source=dict(item["source"]), overrides=overrides,
+                          requires=requires))
+    names = [c.name for c in cells]
+    if not cells or len(set(names)) != len(names):
+        raise TableError(f"{path}: cells must be a non-empty list with distinct names, got {names}")
+    return TableSpec(name=path.stem, title=str(raw["title"]), source=str(raw["source"]), cells=cells)
+
+
+def select_cells(spec: TableSpec, only: list[str] | None) -> list[Cell]:
+    """The cells named by ``--only`` (all of them without it); an unknown name is an error listing the names."""
+    if not only:
+        return spec.cells
+    unknown = sorted(set(only) - {c.name for c in spec.cells})
+    if unknown:
+        raise TableError(f"--only {unknown}: not cells of {spec.name}; its cells: {[c.name for c in spec.cells]}")
+    return [c for c in spec.cells if c.name in only]
+
+
+def preset_exists(preset: str) -> bool:
+    """Whether ``configs/<preset>.yaml`` exists."""
+    return (CONFIG_DIR / f"{preset}.yaml").is_file()
+
+
+def missing_pins(cell: Cell) -> list[str]:
+    """The required knobs the cell's preset does not pin to the required value, as ``key=value (spec: v)``."""
+    cfg = load_config([f"preset={cell.preset}"])
+    wrong = []
+    for key, wanted in cell.requires.items():
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if value != wanted:
+            wrong.append(f"{key}={value} (spec: {wanted})")
+    return wrong
+
+
+def check_cells(spec: TableSpec, cells: list[Cell], extra: list[str]) -> None:
+    """Before anything runs: every preset exists and pins its required knobs, every override is a valid key."""
+    for cell in cells:
+        if not preset_exists(cell.preset):
+            raise TableError(f"table {spec.name}, cell {cell.name}: preset {cell.preset!r} does not exist in "
+                             f"configs/ yet (add it, or leave the cell out with --only); available: "
+                             f"{', '.join(available_presets())}")
+        wrong = missing_pins(cell)
+        if wrong:
+            raise TableError(f"table {spec.name}, cell {cell.name}: preset {cell.preset} does not pin what the "
+                             f"table requires: {'; '.join(wrong)}")
+        try:
+            load_config([f"preset={cell.preset}", *cell.overrides, *extra])
+        except ConfigError as error:
+            raise TableError(f"table {spec.name}, cell {cell.name}: {error}") from None
+
+
+def run_action(run_dir: Path) -> str:
+    """What the runner does with a run folder: ``skip`` (results.json), ``resume`` (folder exists), or ``start``."""
+    if (run_dir / "results.json").is_file():
+        return "skip"
+    return "resume" if run_dir.exists() else "start"
+
+
+def iterations_for_minutes(records: list[dict[str, Any]], minutes: float, cap: int) -> tuple[int, float]:
+    """Iterations that train for about ``minutes`` at the rate a probe run logged, at most ``cap``; and that rate.
+
+    ``records`` are a probe's metrics.jsonl lines; the first training window is dropped (it holds the ``auto``
+    driver's timing of its candidates and the first-step warm-up).
+    """
+    train = [r for r in records if r.get("split") == "train"]
+    if len(train) < 2 or minutes <= 0:
+        raise ValueError("the probe logged no timed training window after the first (or minutes <= 0)")
+    steps = [b["step"] - a["step"] for a, b in zip(train, train[1:])]  # the iterations of each later window
+    seconds = sum(n / r["its_per_s"] for n, r in zip(steps, train[1:]))
+    rate = sum(steps) / seconds
+    return max(1, min(cap, round(minutes * 60 * rate))), rate
+
+
+def _flat(cfg: DictConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def protocol_status(preset: str, run_config: DictConfig) -> dict[str, Any]:
+    """How a run's resolved config departs from its preset: a label, the iterations, and every other changed key.
+
+    Label ``as published`` (nothing but seed, device, paths and progress differs), ``reduced schedule (N of M
+    iterations)`` (only fewer iterations), or ``deviates: key=value (preset: v); ...`` (anything else, with the
+    schedule noted too).
+    """
+    ours, theirs = _flat(run_config), _flat(load_config([f"preset={preset}"]))
+    keys = [k for k in sorted(set(ours) | set(theirs)) if k not in IGNORED_KEYS and k != "train.iterations"]
+    deviations = [f"{k}={ours.get(k)} (preset: {theirs.get(k)})" for k in keys if ours.get(k) != theirs.get(k)]
+    iterations, planned = ours["train.iterations"], theirs["train.iterations"]
+    schedule = None
+    if iterations < planned:
+        schedule = f"reduced schedule ({iterations} of {planned} iterations)"
+    elif iterations > planned:
+        deviations.insert(0, f"train.iterations={iterations} (preset: {planned})")
+    if deviations:
+        label = "deviates: " + "; ".join(deviations) + (f"; {schedule}" if schedule else "")
+    else:
+        label = schedule or "as published"
+    return {"label": label, "deviations": deviations, "iterations": iterations, "preset_iterations": planned}
+
+
+def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
+    """One table row from the finished runs of a cell (run folders without results.json are left out, and counted).
+
+    Ours: the mean test accuracy over seeds, each seed's 95% task CI and their mean, and the std over seeds
+    (sample std, n-1; null for one seed). ``within_paper``: our mean lies in the paper's number ± its ±.
+    """
+    done = [d for d in run_dirs if (d / "results.json").is_file()]
+    row: dict[str, Any] = {
+        "cell": cell.name, "preset": cell.preset, "paper": cell.paper_accuracy, "paper_pm": cell.paper_pm,
+        "pm_kind": cell.pm_kind, "source": cell.source, "seeds_done": len(done), "seeds_planned": len(run_dirs),
+    }
+    if not done:
+        return {**row, "accuracy": None, "protocol": "not run", "within_paper": None}
+    results = [json.loads((d / "results.json").read_text()) for d in done]
+    configs = [OmegaConf.load(d / "config.yaml") for d in done]
+    statuses = [protocol_status(cell.preset, c) for c in configs]
+    accuracies = [r["test"]["accuracy"] for r in results]
+    mean = sum(accuracies) / len(accuracies)
+    std = (math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
+           if len(accuracies) > 1 else None)
+    labels = sorted({s["label"] for s in statuses})
+    within = None if cell.paper_pm is None else abs(mean - cell.paper_accuracy) <= cell.paper_pm
+    return {
+        **row, "accuracy": mean, "std_over_seeds": std,
+        "seeds": [{"seed": c.seed, "accuracy": r["test"]["accuracy"], "ci95": r["test"]["ci95"],
+                   "tasks": r["test"]["tasks"],
+                   "train_wall_time_s": r.get("train_wall_time_s"), "config_hash": r.get("config_hash"),
+                   "git_commit": r.get("git_commit"), "device": r.get("device")} for r, c in zip(results, configs)],
+        "ci95_mean": sum(r["test"]["ci95"] for r in results) / len(results),
+        "iterations": sorted({s["iterations"] for s in statuses}),
+        "preset_iterations": statuses[0]["preset_iterations"],
+        "protocol": " | ".join(labels), "within_paper": within,
+    }
+
+
+def _pm(value: float | None, kind: str) -> str:
+    return "" if value is None else f" ± {value:.2f}" + {"task_ci95": "", "seed_std": " (std)"}.get(kind, "")
+
+
+def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) -> str:
+    """The table as Markdown: ours (mean ± mean task CI, std over seeds) next to the paper's, with the protocol."""
+    lines = [
+        f"# {spec.title}", "", f"Source: {spec.source}", "", f"Produced by `{command}`.", "",
+        "Ours: mean test accuracy over seeds ± the mean of the seeds' 95% task CIs; std over seeds (n-1). "
+        "Paper: its number ± its interval ((std) where the paper's ± is a std over seeds).", "",
+        "| cell | preset | ours (%) | std over seeds | seeds | paper (%) | within paper's ± | protocol |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ours = "–" if r["accuracy"] is None else f"{r['accuracy']:.2f} ± {r['ci95_mean']:.2f}"
+        std = "–" if r.get("std_over_seeds") is None else f"{r['std_over_seeds']:.2f}"
+        within = {None: "–", True: "yes", False: "no"}[r["within_paper"]]
+        paper = f"{r['paper']:.2f}{_pm(r['paper_pm'], r['pm_kind'])}"
+        lines.append(f"| {r['cell']} | `{r['preset']}` | {ours} | {std} | {r['seeds_done']}/{r['seeds_planned']} "
+                     f"| {paper} | {within} | {r['protocol']} |")
+    lines += ["", "Sources:", ""]
+    lines += [f"- {r['cell']}: {r['source']['paper']}, {r['source']['table']}; code: {r['source']['code']}"
+              for r in rows]
+    iterations = [f"{r['cell']}: {', '.join(map(str, r['iterations']))}" for r in rows if r.get("iterations")]
+    if iterations:
+        lines += ["", "Training iterations per cell (pass `--only CELL --iterations N` to repeat one): "
+                  + "; ".join(iterations) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_table(spec: TableSpec, rows: list[dict[str, Any]], path: Path) -> None:
+    """Ours against the paper's number per cell, with error bars (ours: mean task CI; paper: its ±)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 4))
+    ax.errorbar([i - 0.1 for i in x], [r["paper"] for r in rows], yerr=[r["paper_pm"] or 0 for r in rows],
+                fmt="s", capsize=4, label="paper")
+    done = [(i, r) for i, r in zip(x, rows) if r["accuracy"] is not None]
+    ax.errorbar([i + 0.1 for i, _ in done], [r["accuracy"] for _, r in done],
+                yerr=[r["ci95_mean"] for _, r in done], fmt="o", capsize=4, label="ours (mean task CI)")
+    ax.set_xticks(x, [r["cell"] for r in rows], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(spec.title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

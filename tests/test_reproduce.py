@@ -1,0 +1,173 @@
+"""Table specs (experiments/tables/*.yaml) and scripts/reproduce.py end to end on synthetic data, with a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meta.training.config import load_config
+from meta.training.tables import (
+    TableError,
+    check_cells,
+    iterations_for_minutes,
+    load_table,
+    missing_pins,
+    preset_exists,
+    protocol_status,
+    run_action,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = sorted((REPO / "experiments" / "tables").glob("*.yaml"))
+SPEC_CELLS = [(path, cell) for path in TABLES for cell in load_table(path).cells]
+#: tiny runs: synthetic data, small validation and test sets, the vmap driver (no timing of candidates)
+TINY = ["data.dataset=synthetic", "data.synthetic_classes=20", "train.meta_batch=2", "train.log_every=1",
+        "train.val_tasks=5", "train.checkpoint_every=2", "eval.tasks=10", "eval.batch_size=10", "inner.test_steps=1",
+        "progress=false", "device=cpu", "driver=vmap"]
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+def write_spec(path: Path, cells: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"title": "tiny table", "source": "this test", "cells": cells}))
+    return path
+
+
+def cell(name: str, preset: str, accuracy: float = 98.0, pm: float | None = 0.5, **extra) -> dict:
+    return {"name": name, "preset": preset, "paper": {"accuracy": accuracy, "pm": pm, "pm_kind": "task_ci95"},
+            "source": {"paper": "p", "table": "t", "code": "c"}, **extra}
+
+
+def test_the_committed_tables_cover_the_maml_and_fomaml_omniglot_cells():
+    names = {path.stem: [c.preset for c in load_table(path).cells] for path in TABLES}
+    assert names["maml_omniglot"] == [*(f"maml_omniglot_{s}" for s in ("5w1s", "5w5s", "20w1s", "20w5s")),
+                                      "maml_mlp_omniglot_5w1s", "maml_mlp_omniglot_5w5s"]
+    assert names["fomaml_omniglot"] == [f"fomaml_omniglot_{s}" for s in ("5w1s", "5w5s", "20w1s", "20w5s")]
+    fomaml = load_table(REPO / "experiments/tables/fomaml_omniglot.yaml").cells
+    assert [(c.paper_accuracy, c.paper_pm) for c in fomaml] == [(98.3, 0.5), (99.2, 0.2), (89.4, 0.5), (97.9, 0.1)]
+    assert all("Table 2" in c.source["table"] for c in fomaml)  # Omniglot is Table 2 in Nichol et al.
+
+
+@pytest.mark.parametrize("path,cell", SPEC_CELLS, ids=[f"{p.stem}-{c.name}" for p, c in SPEC_CELLS])
+def test_every_table_preset_loads_and_pins_the_knobs_its_table_requires(path, cell):
+    if not preset_exists(cell.preset):
+        pytest.skip(f"preset {cell.preset} is not in configs/ yet (another branch adds it)")
+    assert cell.requires, f"{path.name}: cell {cell.name} requires nothing"
+    assert missing_pins(cell) == []
+    # the preset's own reference agrees with the table's paper number
+    reference = load_config([f"preset={cell.preset}"]).reference
+    assert reference.accuracy == cell.paper_accuracy and reference.ci95 == cell.paper_pm
+
+
+def test_spec_checks_name_the_cell_and_the_problem(tmp_path):
+    wrong = load_table(write_spec(tmp_path / "wrong.yaml", [cell("a", "maml_omniglot_5w1s",
+                                                                    requires={"task.ways": 20, "inner.lr": 0.4})]))
+    assert missing_pins(wrong.cells[0]) == ["task.ways=5 (spec: 20)"]
+    with pytest.raises(TableError, match=r"cell a: preset maml_omniglot_5w1s does not pin .*task.ways=5"):
+        check_cells(wrong, wrong.cells, [])
+    missing = load_table(write_spec(tmp_path / "missing.yaml", [cell("b", "no_such_preset")]))
+    with pytest.raises(TableError, match="cell b: preset 'no_such_preset' does not exist"):
+        check_cells(missing, missing.cells, [])
+    with pytest.raises(TableError, match=r"requires names \['task.wayz'\]"):
+        load_table(write_spec(tmp_path / "key.yaml", [cell("c", "maml_omniglot_5w1s", requires={"task.wayz": 5})]))
+    with pytest.raises(TableError, match="paper.pm must be given"):
+        load_table(write_spec(tmp_path / "pm.yaml", [cell("d", "maml_omniglot_5w1s", pm=None)]))
+    with pytest.raises(TableError, match="distinct names"):
+        load_table(write_spec(tmp_path / "dup.yaml", [cell("e", "maml_omniglot_5w1s")] * 2))
+
+
+def test_protocol_labels_come_from_the_runs_resolved_config():
+    def label(*overrides: str) -> str:
+        return protocol_status("maml_omniglot_5w1s", load_config(["preset=maml_omniglot_5w1s", *overrides]))["label"]
+
+    assert label("seed=3", "device=cpu", "out_dir=x", "progress=false", "data.root=/r") == "as published"
+    assert label("train.iterations=100") == "reduced schedule (100 of 60000 iterations)"
+    assert label("train.iterations=100", "inner.lr=0.2") == (
+        "deviates: inner.lr=0.2 (preset: 0.4); reduced schedule (100 of 60000 iterations)")
+    assert label("train.iterations=70000") == "deviates: train.iterations=70000 (preset: 60000)"
+
+
+def test_iterations_for_minutes_uses_the_probes_rate_after_its_first_window():
+    records = [{"step": 4, "split": "train", "its_per_s": 0.1},  # the auto driver's timing: left out
+               {"step": 8, "split": "train", "its_per_s": 2.0}, {"step": 12, "split": "val", "accuracy": 50.0},
+               {"step": 12, "split": "train", "its_per_s": 4.0}]
+    count, rate = iterations_for_minutes(records, minutes=1, cap=10_000)
+    assert rate == pytest.approx(8 / (4 / 2.0 + 4 / 4.0)) and count == round(60 * rate)
+    assert iterations_for_minutes(records, minutes=1, cap=100) == (100, rate)  # never more than the preset's
+    with pytest.raises(ValueError, match="no timed training window"):
+        iterations_for_minutes(records[:1], minutes=1, cap=100)
+
+
+def test_a_table_naming_a_missing_preset_is_a_one_line_error_and_writes_nothing(tmp_path):
+    spec = write_spec(tmp_path / "t.yaml", [cell("a", "maml_omniglot_5w1s"), cell("b", "not_yet_a_preset")])
+    proc = run_script("reproduce.py", str(spec), "--out", str(tmp_path / "out"), *TINY)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert "not_yet_a_preset" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_runner_end_to_end_on_synthetic_data_with_a_resume(tmp_path):
+    spec = write_spec(tmp_path / "tiny.yaml", [
+        cell("maml", "maml_omniglot_5w1s", 98.7, 0.4, requires={"task.ways": 5}),
+        cell("fomaml", "fomaml_omniglot_5w1s", 98.3, 0.5, requires={"inner.first_order": True}),
+    ])
+    out = tmp_path / "out"
+    args = [str(spec), "--seeds", "2", "--iterations", "4", "--out", str(out), *TINY]
+    # an interrupted run: fomaml seed 1 stopped with a checkpoint at step 2 and no results yet
+    partial = out / "fomaml" / "seed1"
+    first = run_script("train_maml.py", "preset=fomaml_omniglot_5w1s", *TINY, "seed=1", "train.iterations=2",
+                       f"out_dir={partial}")
+    assert first.returncode == 0, first.stderr
+    (partial / "results.json").unlink()
+
+    # first pass: only the maml cell; its two runs start
+    proc = run_script("reproduce.py", *args, "--only", "maml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("[start]") == 2 and "fomaml" not in proc.stdout
+    runs = {(c, s): out / c / f"seed{s}" for c in ("maml", "fomaml") for s in (0, 1)}
+    kept = {k: (runs[k] / "results.json").read_text() for k in (("maml", 0), ("maml", 1))}
+
+    # the whole table: the finished runs are skipped, the interrupted one resumes, the missing one starts
+    again = run_script("reproduce.py", *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("[skip]") == 2 and again.stdout.count("[start]") == 1
+    assert f"[resume] {partial}" in again.stdout and "resumed from step 2" in again.stdout
+    assert {k: (runs[k] / "results.json").read_text() for k in kept} == kept
+    records = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # went on from 2 to 4
+    results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
+
+    table = json.loads((out / "table.json").read_text())
+    assert [r["cell"] for r in table["rows"]] == ["maml", "fomaml"] and table["seeds"] == 2
+    markdown = (out / "table.md").read_text()
+    for row in table["rows"]:
+        accuracies = [results[row["cell"], s]["test"]["accuracy"] for s in (0, 1)]
+        ci95s = [results[row["cell"], s]["test"]["ci95"] for s in (0, 1)]
+        mean = sum(accuracies) / 2
+        assert row["accuracy"] == pytest.approx(mean) and row["seeds_done"] == 2
+        assert row["std_over_seeds"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
+        assert row["ci95_mean"] == pytest.approx(sum(ci95s) / 2)
+        assert [s["ci95"] for s in row["seeds"]] == pytest.approx(ci95s)
+        assert row["within_paper"] == (abs(mean - row["paper"]) <= row["paper_pm"])
+        assert row["iterations"] == [4]
+        assert row["protocol"].startswith("deviates: ") and "data.dataset=synthetic (preset: omniglot)" in row[
+            "protocol"] and row["protocol"].endswith("reduced schedule (4 of 60000 iterations)")
+        assert "device" not in row["protocol"] and "progress" not in row["protocol"]  # run control is no deviation
+        line = next(x for x in markdown.splitlines() if x.startswith(f"| {row['cell']} |"))
+        assert f"{mean:.2f} ± {row['ci95_mean']:.2f}" in line and f"{row['paper']:.2f} ± {row['paper_pm']:.2f}" in line
+        assert ("| yes |" if row["within_paper"] else "| no |") in line and "| 2/2 |" in line
+    assert (out / "table.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_action(runs["maml", 0]) == "skip" and run_action(out / "nothing") == "start"
+    (partial / "results.json").unlink()
+    assert run_action(partial) == "resume"
