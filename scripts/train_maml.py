@@ -221,6 +221,9 @@ while step < cfg.train.iterations and not stop_requested:
         check_finite()
         val = evaluate("val", cfg.train.val_tasks, seed=cfg.eval.seed + 1)
         metrics.append({"step": step, "split": "val", **val})
+        if not math.isfinite(val["loss"]):  # the weights are finite, but test-time adaptation diverges
+            bar.write(f"warning: step {step}: the validation loss is not finite (logged as null): the test-time "
+                      f"inner loop diverges; inner.test_lr or inner.lr is likely too large")
         if val["accuracy"] > best["accuracy"]:
             best = {"accuracy": val["accuracy"], "step": step}
             save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),

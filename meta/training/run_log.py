@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -98,9 +99,13 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is refused: it holds more than tensors and plain values, and loading it "
-                              f"could run code ({first[:200]}); use a checkpoint written by this project") from None
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+        reason = found.group(1).strip()[:160] if found else (str(error).strip().splitlines() or ["?"])[0][:160]
+        if "Unsupported global" in str(error):  # a class or function: loading it could run code
+            raise CheckpointError(f"{path} is refused: it holds more than tensors and plain values, and loading it "
+                                  f"could run code ({reason}); use a checkpoint written by this project") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, empty or another kind of file: "
+                              f"{reason}); use another checkpoint, or restart the run with overwrite=true") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, empty or another kind of file: "
