@@ -138,6 +138,7 @@ class Config:
     # vmap | loop | vmap_autograd | loop_autograd | loop_threads pin one (all agree to rounding; tests: 1e-10, float64)
     driver: str = "auto"
     out_dir: str | None = None  # null: runs/<preset>-seed<seed>
+    # continue the run in out_dir with the config saved in its checkpoint; only RESUME_SAFE_KEYS may differ
     resume: bool = False
     overwrite: bool = False  # replace the run already in out_dir (never implied)
     progress: bool = True
