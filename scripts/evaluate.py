@@ -3,13 +3,14 @@
     python scripts/evaluate.py runs/omniglot_5w1s_quick-seed0/best.pt
     python scripts/evaluate.py runs/x/checkpoint.pt eval.tasks=1000 device=cpu
 
-The config is the one stored in the checkpoint; key=value arguments override it (eval.*, data.root, device...).
+The config is the one stored in the checkpoint; key=value arguments may change only what applies to a saved run
+(meta.training.config.EVAL_KEYS: eval.*, data.root, data.test_dataset, device, inner.test_lr, ...); other keys
+(preset, model, task.ways, inner.rule, ...) are refused.
 Prints accuracy ± 95% CI and writes <checkpoint dir>/results_<checkpoint name>.json.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,15 +26,27 @@ from meta.training.builders import (
     resolve_dtype,
     test_inner_steps,
 )
-from meta.training.config import ConfigError, load_config
-from meta.training.run_log import atomic_write_text, load_checkpoint, run_metadata
+from meta.training.config import ConfigError, check_eval_overrides, load_config
+from meta.training.run_log import (
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    load_learner_state,
+    run_metadata,
+    to_json,
+)
 
 if len(sys.argv) < 2 or "=" in sys.argv[1]:
     sys.exit(__doc__)
 path = Path(sys.argv[1])
-if not path.is_file():
-    sys.exit(f"no checkpoint at {path}")
-state = load_checkpoint(path)
+try:
+    check_eval_overrides(sys.argv[2:])
+except ConfigError as error:
+    sys.exit(f"config error: {error}")
+try:
+    state = load_checkpoint(path)
+except CheckpointError as error:
+    sys.exit(f"checkpoint error: {error}")
 try:
     cfg = load_config(sys.argv[2:], base=state["config"])
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
@@ -47,7 +60,10 @@ except ValueError as error:  # a task shape the split cannot supply
     sys.exit(f"task error: {error}")
 
 learner = build_learner(cfg, dtype, device)
-learner.load_state_dict(state["learner"])
+try:
+    load_learner_state(learner, state, path)
+except CheckpointError as error:
+    sys.exit(f"checkpoint error: {error}")
 test_rule = build_inner_rule(cfg, test=True)
 try:
     check_test_rule(cfg, learner, test_rule)
@@ -62,6 +78,6 @@ test = evaluate_learner(
 results = {"test": test, "checkpoint": str(path), "step": state["step"], **run_metadata(cfg, device),
            "test_wall_time_s": time.perf_counter() - start}
 out = path.parent / f"results_{path.stem}.json"
-atomic_write_text(out, json.dumps(results, indent=2))
+atomic_write_text(out, to_json(results, indent=2))
 print(f"test accuracy: {test['accuracy']:.2f} ± {test['ci95']:.2f}% over {test['tasks']} tasks (step {state['step']})")
 print(f"results: {out}")

@@ -10,7 +10,7 @@ Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.p
 
 from __future__ import annotations
 
-import json
+import math
 import signal
 import sys
 import time
@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from meta.data import DataError
+from meta.data.cache import remove_stale_temporaries
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
     apply_schedules,
@@ -33,43 +34,65 @@ from meta.training.builders import (
     resolve_dtype,
     test_inner_steps,
 )
-from meta.training.config import ConfigError, load_config
+from meta.training.config import ConfigError, check_resume_config, load_config
 from meta.training.cuda_graph import GraphedMetaStep
 from meta.training.run_log import (
+    CheckpointError,
     MetricsLog,
     atomic_write_text,
+    check_out_dir,
     device_name,
+    existing_run_files,
     load_checkpoint,
+    load_learner_state,
+    params_finite,
     plot_curves,
+    remove_run_files,
     run_metadata,
     save_checkpoint,
+    to_json,
 )
 
 DEFAULT_PRESET = "omniglot_5w1s_quick"
 
-# ---- configuration --------------------------------------------------------------------------
+# ---- configuration and the run folder (nothing is written before the data loads) ------------
 try:
     cfg = load_config(sys.argv[1:], preset=DEFAULT_PRESET)
 except ConfigError as error:
     sys.exit(f"config error: {error}")
+out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")
+ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+if cfg.resume and cfg.overwrite:
+    sys.exit("config error: resume=true continues the run in out_dir and overwrite=true replaces it; pass one")
+problem = check_out_dir(out_dir)
+if problem:
+    sys.exit(f"config error: {problem}")
+resumed_state = None
+if cfg.resume:
+    if not ckpt_path.exists():
+        sys.exit(f"resume=true, but there is no checkpoint at {ckpt_path}; start the run again with overwrite=true")
+    try:
+        resumed_state = load_checkpoint(ckpt_path)
+        saved_config = resumed_state["config"]
+        cfg = load_config(sys.argv[1:], base=saved_config)  # the saved run's config, with the overrides
+        changed = check_resume_config(saved_config, cfg)
+    except (CheckpointError, ConfigError) as error:
+        sys.exit(f"resume error: {error}")
+elif existing_run_files(out_dir) and not cfg.overwrite:
+    sys.exit(f"{out_dir} already holds a run ({', '.join(existing_run_files(out_dir)[:6])}); pass resume=true to "
+             f"continue it, overwrite=true to replace it, or choose another out_dir")
 try:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 except RuntimeError as error:  # device=cuda without a GPU
     sys.exit(f"config error: {error}")
 if cfg.train.cuda_graph and device.type != "cuda":
     sys.exit(f"config error: train.cuda_graph=true needs a CUDA device, and device={cfg.device} resolved to {device}")
-out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")
-ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
-if ckpt_path.exists() and not cfg.resume:
-    sys.exit(f"{out_dir} already holds a run; pass resume=true to continue it, or choose another out_dir")
-if cfg.resume and not ckpt_path.exists():
-    sys.exit(f"resume=true, but there is no checkpoint at {ckpt_path}")
 print(f"preset {cfg.preset} | device {device_name(device)} | dtype {cfg.dtype} | driver {cfg.driver}")
 
 # ---- data, model, optimizer -----------------------------------------------------------------
 try:  # before anything is written: a run that cannot start leaves no folder behind
     samplers = build_samplers(cfg, device)
-except DataError as error:  # missing or corrupt files
+except DataError as error:  # missing or corrupt files, an unwritable cache folder
     sys.exit(f"data error: {error}")
 except ValueError as error:  # a task shape the split cannot supply
     sys.exit(f"task error: {error}")
@@ -79,7 +102,16 @@ try:
     check_test_rule(cfg, learner, test_rule)
 except ValueError as error:  # an inner.test_lr that would change nothing
     sys.exit(f"config error: {error}")
-out_dir.mkdir(parents=True, exist_ok=True)
+try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+except OSError as error:
+    sys.exit(f"config error: cannot create out_dir {out_dir} ({error.strerror}); choose another out_dir")
+for stale in remove_stale_temporaries(out_dir):  # left by a kill during a save
+    print(f"removed {stale.name}, left by an interrupted save")
+if cfg.overwrite and not cfg.resume:
+    removed = remove_run_files(out_dir)
+    if removed:
+        print(f"overwrite=true: removed the previous run's {', '.join(removed)}")
 print(f"writing to {out_dir.resolve()}")
 test_steps = test_inner_steps(cfg)
 optimizer = build_optimizer(cfg, learner)
@@ -88,27 +120,46 @@ metrics = MetricsLog(out_dir / "metrics.jsonl")
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
 train_seconds = 0.0
 
-if cfg.resume:
-    state = load_checkpoint(ckpt_path, map_location=device)
-    learner.load_state_dict(state["learner"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
+if resumed_state is not None:
+    state = resumed_state
+    try:
+        load_learner_state(learner, state, ckpt_path)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
+        metrics.truncate_after(step)  # also drops a half-written last line
+    except (CheckpointError, KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"resume error: {ckpt_path}: {' '.join(str(error).split())[:300]}")
     learner.auto_driver.choices.update(state["auto_choices"])  # the same strategy as before the interruption
-    metrics.truncate_after(step)
-    print(f"resumed from step {step}")
+    note = f" (changed on resume: {', '.join(changed)})" if changed else ""
+    print(f"resumed from step {step}{note}")
 else:
     metrics.path.unlink(missing_ok=True)
 atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+last_saved = step  # the step of the newest checkpoint: a run that diverges keeps it
 
 
 def checkpoint() -> None:
+    global last_saved
+    check_finite()
+    last_saved = step
     save_checkpoint(ckpt_path, {
         "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(), "step": step, "best": best,
         "window": {"loss": float(window["loss"]), "accuracy": float(window["accuracy"]), "count": window["count"]},
         "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices,
     })
+
+
+def check_finite() -> None:
+    """Stop (exit code 1) if any step so far had a non-finite meta-loss or left non-finite weights (a non-finite
+    meta-gradient or update). Synchronizes only here, at log, validation and checkpoint steps."""
+    if math.isfinite(float(first_bad_step)):
+        bar.close()
+        sys.exit(f"training diverged: the meta-loss or the meta-gradient became non-finite (NaN or inf) at step "
+                 f"{int(first_bad_step)}. Nothing after step {last_saved} was saved; {ckpt_path} holds the last "
+                 f"finite state. The likely knob: inner.lr={cfg.inner.lr} or train.meta_lr={cfg.train.meta_lr} is "
+                 f"too large; lower it and start again in a new out_dir (or with overwrite=true)")
 
 
 def evaluate(split: str, num_tasks: int, seed: int) -> dict:
@@ -140,6 +191,9 @@ if cfg.train.cuda_graph:  # the same step, replayed as a captured CUDA graph
     except ValueError as error:
         sys.exit(f"config error: train.cuda_graph=true: {error}")
 
+first_bad_step = torch.tensor(math.inf, device=device)  # the first step with a non-finite loss or weights
+if resumed_state is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
+    checkpoint()
 stop_requested: list[int] = []
 signal.signal(signal.SIGINT, request_stop)
 while step < cfg.train.iterations and not stop_requested:
@@ -149,12 +203,15 @@ while step < cfg.train.iterations and not stop_requested:
     if cfg.driver == "auto" and step == 0 and learner.auto_driver.choices:
         bar.write(f"driver auto chose: {', '.join(learner.auto_driver.choices.values())}")
     step += 1
+    finite = torch.isfinite(loss).all() & params_finite(learner)  # no synchronization in every step
+    first_bad_step = torch.minimum(first_bad_step, torch.where(finite, math.inf, float(step)))
     # sums stay on the device between log lines: no synchronization in every step
     window = {"loss": window["loss"] + loss.mean().double(),
               "accuracy": window["accuracy"] + accuracy.mean().double() * 100, "count": window["count"] + 1}
     bar.update(1)
 
     if step % cfg.train.log_every == 0 or step == cfg.train.iterations:
+        check_finite()
         now = time.perf_counter()
         train_seconds += now - tick
         record = {"step": step, "split": "train", "loss": float(window["loss"]) / window["count"],
@@ -166,8 +223,12 @@ while step < cfg.train.iterations and not stop_requested:
         tick = time.perf_counter()
 
     if step % cfg.train.val_every == 0 or step == cfg.train.iterations:
+        check_finite()
         val = evaluate("val", cfg.train.val_tasks, seed=cfg.eval.seed + 1)
         metrics.append({"step": step, "split": "val", **val})
+        if not math.isfinite(val["loss"]):  # the weights are finite, but test-time adaptation diverges
+            bar.write(f"warning: step {step}: the validation loss is not finite (logged as null): the test-time "
+                      f"inner loop diverges; inner.test_lr or inner.lr is likely too large")
         if val["accuracy"] > best["accuracy"]:
             best = {"accuracy": val["accuracy"], "step": step}
             save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
@@ -197,7 +258,7 @@ results = {
     "train_wall_time_s": train_seconds, "test_wall_time_s": time.perf_counter() - start,
     "command": " ".join(["python", *sys.argv]),
 }
-atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+atomic_write_text(out_dir / "results.json", to_json(results, indent=2))
 plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})")
 ref = cfg.reference
 ci = f" ± {ref.ci95}" if ref.ci95 is not None else ""  # some papers give no interval

@@ -180,7 +180,7 @@ def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     proc = run_cli("train_maml.py", *TINY, "preset=protonets_omniglot_5w1s", "data.image_size=16",
                    "task.train_ways=12", "train.iterations=3", f"out_dir={out}")
     assert math.isfinite(json.loads((out / "results.json").read_text())["test"]["accuracy"])
-    assert "paper: 98.8% (Snell" in proc.stdout  # the paper gives no interval, and none is made up
+    assert "paper:" not in proc.stdout  # the preset's number is for Omniglot, not the synthetic data (issue 15)
     # the MAML family adapts an N-way head, so its training ways cannot differ from its test ways
     with pytest.raises(ConfigError, match="task.train_ways=20 differs from task.ways=5"):
         load_config(["task.train_ways=20"])

@@ -37,10 +37,27 @@ _RAW = {
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _CACHE_FORMAT = 1
+#: Sizes of the uncompressed raw IDX files (16-byte image header + 28*28 bytes per image, 8-byte label header).
+_RAW_SIZES = {
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28, "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28, "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+
+
+def check_mnist_sizes(data_root: Path, train: bool) -> None:
+    """Raise a :class:`DataError` naming any raw file that exists but has the wrong size (truncated, damaged)."""
+    raw = data_root / "MNIST" / "raw"
+    for name in _RAW[train]:
+        path = raw / name
+        if path.is_file() and path.stat().st_size != _RAW_SIZES[name]:
+            raise DataError(f"MNIST file {path} is truncated or damaged: {path.stat().st_size} bytes, expected "
+                            f"{_RAW_SIZES[name]}; replace it with the uncompressed official file")
 
 
 def _read_mnist(data_root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision.datasets import MNIST  # imported lazily: torchvision is slow to import
+
+    check_mnist_sizes(data_root, train)
 
     try:
         ds = MNIST(root=str(data_root), train=train, download=False)
@@ -116,6 +133,7 @@ def load_mnist(
     sources = [source_fingerprint(raw / f) if (raw / f).is_file() else None for f in _RAW[train]]
     if None in sources:
         _read_mnist(data_root, train)  # raises a DataError naming the expected files
+    check_mnist_sizes(data_root, train)  # before a cache keyed by these files is trusted
 
     def build() -> dict[str, torch.Tensor]:
         images, labels = _read_mnist(data_root, train)

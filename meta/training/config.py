@@ -7,6 +7,8 @@ then ``configs/<preset>.yaml``, then command-line ``key=value`` overrides.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +138,9 @@ class Config:
     # vmap | loop | vmap_autograd | loop_autograd | loop_threads pin one (all agree to rounding; tests: 1e-10, float64)
     driver: str = "auto"
     out_dir: str | None = None  # null: runs/<preset>-seed<seed>
+    # continue the run in out_dir with the config saved in its checkpoint; only RESUME_SAFE_KEYS may differ
     resume: bool = False
+    overwrite: bool = False  # replace the run already in out_dir (never implied)
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -173,6 +177,71 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
 
 
+#: Keys that may differ from the saved config when a run is resumed: they change neither the steps already taken
+#: nor the ones to come, only paths, run control, logging and the final test. ``train.iterations`` is one of them
+#: unless a ``cosine`` or ``linear`` meta-lr schedule depends on it.
+RESUME_SAFE_KEYS = (
+    "out_dir", "resume", "overwrite", "progress", "device", "data.root", "data.cache_dir", "data.download",
+    "train.iterations", "train.log_every", "train.val_every", "train.checkpoint_every",
+    "eval.tasks", "eval.batch_size", "eval.checkpoint",
+)
+#: Keys scripts/evaluate.py can apply to a saved run: where data and outputs are, the device, the test tasks and
+#: test-time adaptation. Everything else defines how the run was trained and cannot change afterwards.
+EVAL_KEYS = (
+    "device", "dtype", "driver", "progress", "data.root", "data.cache_dir", "data.download", "data.test_dataset",
+    "data.test_protocol", "task.shots", "task.test_queries", "train.chunk_size", "inner.test_lr",
+    "inner.test_steps", "imaml.test_lam", "eval.tasks", "eval.batch_size", "eval.seed",
+)
+#: The keys a paper's reference number belongs to: change one and the reference no longer applies.
+REFERENCE_PROTOCOL = ("data.dataset", "data.protocol", "data.test_dataset", "data.test_protocol", "task.ways",
+                      "task.shots")
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config as dotted keys; lists and empty dicts are values)."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    if not isinstance(data, dict) or (not data and prefix):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_differences(saved: Any, new: Any) -> list[str]:
+    """Dotted keys whose values differ between two configs (dicts or DictConfigs)."""
+    a, b = flatten(saved), flatten(new)
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+def check_resume_config(saved: Any, new: DictConfig) -> list[str]:
+    """Raise :class:`ConfigError` listing the keys that differ from the saved config and are not safe to change on
+    resume (:data:`RESUME_SAFE_KEYS`); return the safe ones that differ."""
+    changed = config_differences(saved, new)
+    safe = set(RESUME_SAFE_KEYS)
+    if new.train.lr_schedule in ("cosine", "linear"):  # the schedule is a function of the total iterations
+        safe.discard("train.iterations")
+    unsafe = [key for key in changed if key not in safe]
+    if unsafe:
+        old = flatten(saved)
+        listed = ", ".join(f"{key}={old.get(key)!r} -> {OmegaConf.select(new, key)!r}" for key in unsafe)
+        raise ConfigError(f"resume=true with a changed config: {listed}. A resumed run must go on as it started; "
+                          f"only {', '.join(sorted(safe))} may change on resume. Drop these overrides, or start a "
+                          f"new run in another out_dir")
+    return changed
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """Raise :class:`ConfigError` naming command-line keys that cannot apply to a saved run (:data:`EVAL_KEYS`)."""
+    keys = [item.split("=", 1)[0].lstrip("+~") for item in overrides]
+    refused = [key for key in keys if key not in EVAL_KEYS and not any(k.startswith(key + ".") for k in EVAL_KEYS)]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} cannot apply to a saved run (they fix how it was trained, and the "
+                          f"checkpoint holds its own config); evaluate.py accepts {', '.join(EVAL_KEYS)}")
+
+
 def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -202,6 +271,9 @@ def load_config(
     else:
         cfg = _merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
     if preset:
+        if not _PRESET_NAME.fullmatch(preset) or preset == "base":
+            raise ConfigError(f"preset={preset!r} is not a preset name: a preset is the name of a file in configs/ "
+                              f"without .yaml, not a path; available: {', '.join(available_presets())}")
         path = CONFIG_DIR / f"{preset}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
@@ -211,7 +283,13 @@ def load_config(
         dotlist = OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad override: {error}") from None
+    protocol = {key: OmegaConf.select(cfg, key) for key in REFERENCE_PROTOCOL}
     cfg = _merge(cfg, dotlist, "command line")
+    changed = [key for key in REFERENCE_PROTOCOL if OmegaConf.select(cfg, key) != protocol[key]]
+    reference_given = any(item.split("=", 1)[0].startswith("reference") for item in overrides)
+    if changed and not reference_given and cfg.reference.accuracy is not None:
+        # the paper's number belongs to the preset's protocol, not to this one
+        cfg.reference = OmegaConf.structured(ReferenceConfig)
     validate(cfg)
     return cfg
 
@@ -222,6 +300,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    for key, value in flatten(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number")
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
@@ -275,7 +356,7 @@ def validate(cfg: DictConfig) -> None:
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of the settings that define a run (everything but paths and run control)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("out_dir", "resume", "progress", "device"):
+    for key in ("out_dir", "resume", "overwrite", "progress", "device"):
         data.pop(key, None)
     data["data"].pop("root", None)
     data["data"].pop("cache_dir", None)

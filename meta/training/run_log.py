@@ -3,20 +3,43 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import platform
+import re
 import subprocess
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from meta.data.cache import atomic_torch_save
+from meta.data.cache import atomic_torch_save, atomic_write
 from meta.training.config import config_hash
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not written by this project, or for another model."""
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by ``None``, recursively (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON (``allow_nan=False``): non-finite numbers become ``null``."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
 
 
 class MetricsLog:
@@ -28,27 +51,34 @@ class MetricsLog:
     def append(self, record: dict[str, Any]) -> None:
         """Write one record and flush it to disk."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        """All records so far."""
+        """All complete records so far (a half-written last line, left by a kill, is not one)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        records = []
+        for number, line in enumerate(complete.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise CheckpointError(f"{self.path} line {number} is not JSON; the metrics log is damaged "
+                                          f"(delete the line, or restart the run with overwrite=true)") from None
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint a run resumes from)."""
+        """Keep the complete records up to ``step`` (later ones were written after the checkpoint a run resumes
+        from; a half-written last line is dropped)."""
         kept = [r for r in self.read() if r["step"] <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(to_json(r) + "\n" for r in kept))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a text file through a temporary file and ``os.replace`` (mode 0o644 minus the umask)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -56,11 +86,44 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_torch_save(state, path)
 
 
+#: What every checkpoint of scripts/train_maml.py holds.
+CHECKPOINT_KEYS = ("config", "learner", "step")
+
+
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`."""
+    """Load a checkpoint written by :func:`save_checkpoint`, with ``weights_only=True``: tensors and plain
+    containers only, never code. Anything else raises a one-line :class:`CheckpointError` naming the file."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+        reason = found.group(1).strip()[:160] if found else (str(error).strip().splitlines() or ["?"])[0][:160]
+        if "Unsupported global" in str(error):  # a class or function: loading it could run code
+            raise CheckpointError(f"{path} is refused: it holds more than tensors and plain values, and loading it "
+                                  f"could run code ({reason}); use a checkpoint written by this project") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, empty or another kind of file: "
+                              f"{reason}); use another checkpoint, or restart the run with overwrite=true") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, empty or another kind of file: "
+                              f"{reason}); use another checkpoint, or restart the run with overwrite=true") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of scripts/train_maml.py (no {', '.join(missing)})")
+    return state
+
+
+def load_learner_state(learner: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``learner.load_state_dict`` that names the file and the likely cause when the shapes or names differ."""
+    try:
+        learner.load_state_dict(state["learner"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{path} does not fit the configured learner (its task.ways, model or inner.rule "
+                              f"differ from the config): {detail}") from None
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -128,3 +191,53 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"CPU: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+#: The files scripts/train_maml.py writes into a run folder (``overwrite=true`` replaces exactly these).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "curves.png", "results.json",
+             "results_*.json")
+
+
+def check_out_dir(out_dir: Path) -> str | None:
+    """Why ``out_dir`` cannot hold a run (a file, or under a file or a read-only folder), or ``None``.
+
+    Creates nothing: probes the nearest existing folder with a temporary file (which also holds for root).
+    """
+    import tempfile
+
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"out_dir {out_dir} is a file, not a folder; choose another out_dir"
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"out_dir {out_dir} cannot be created: {existing} is a file; choose another out_dir"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return (f"out_dir {out_dir} cannot be written: {existing} is not writable ({error.strerror}); "
+                f"choose another out_dir")
+    return None
+
+
+def existing_run_files(out_dir: Path) -> list[str]:
+    """Names of the entries in ``out_dir`` other than leftover temporary files (empty if it does not exist)."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".tmp"))
+
+
+def remove_run_files(out_dir: Path) -> list[str]:
+    """Delete the files of a previous run in ``out_dir`` (:data:`RUN_FILES`); return their names."""
+    removed = []
+    for pattern in RUN_FILES:
+        for path in sorted(out_dir.glob(pattern)):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def params_finite(module: torch.nn.Module) -> torch.Tensor:
+    """A 0-dim bool tensor (on the parameters' device, no synchronization): every parameter is finite."""
+    return torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
