@@ -8,7 +8,7 @@ does. Names are ``"Alphabet/characterNN"``; rotations are not part of a split (s
 
 * ``maml_random``: MAML's split *sizes* (1,100 train / 100 val / 423 test characters,
   "irrespective of alphabet"), with our own random membership: all 1,623 sorted names
-  shuffled with ``random.Random(1)``. MAML's code (cbfinn/maml data_generator.py L41-52)
+  shuffled with ``random.Random(1)``. MAML's code (cbfinn/maml @a7f45f1 data_generator.py L42-54)
   shuffles ``os.listdir`` order with ``random.seed(1)``; that order is not reproducible, so
   MAML's own membership cannot be recovered. (This split was called ``vinyals`` before.)
 * ``protonets_vinyals``: the Vinyals et al. split as used by jakesnell/prototypical-networks
@@ -18,19 +18,21 @@ does. Names are ``"Alphabet/characterNN"``; rotations are not part of a split (s
   ProtoNets retrains on train+val after early stopping (val stays the 172 val characters,
   now also in train).
 * ``reptile``: openai/supervised-reptile exactly: alphabets and characters sorted
-  (omniglot.py L28-32), ``random.seed(0)`` (run_omniglot.py L21, args.py L19 default) then
+  (@8f2b71c omniglot.py L28-32), ``random.seed(0)`` (run_omniglot.py L22, args.py L19 default) then
   ``random.shuffle`` (omniglot.py L48), first 1,200 train, rest (423) test. The code has no
   validation split; it reports "Train accuracy" on the training characters
-  (run_omniglot.py L37), so our val split is the train characters (monitoring only).
+  (run_omniglot.py L40), so our val split is the train characters (monitoring only).
 * ``imaml``: aravindr93/imaml_dev: ``random.seed(123)``, ``random.shuffle(list(range(1623)))``
-  (examples/omniglot_implicit_maml.py L21-26) indexing the characters listed background
+  (@6a2a669 examples/omniglot_implicit_maml.py L19-26) indexing the characters listed background
   alphabets sorted, then evaluation alphabets sorted, each alphabet's characters in
-  ``os.listdir`` order (implicit_maml/dataset.py L138-145); first 1,200 train, rest test.
+  ``os.listdir`` order (implicit_maml/dataset.py L123-133); first 1,200 train, rest test.
   We list characters sorted, so membership is exact only where ``os.listdir`` returned them
-  sorted: an approximation. No validation split: val is the train characters.
-* ``mamlpp``: AntreasAntoniou/HowToTrainYourMAMLPytorch exactly: labels sorted as strings
+  sorted: an approximation. No validation split: val is the train characters. (Its test script
+  examples/measure_accuracy.py L16-24 draws the permutation with seed 12345, not 123, so the
+  official test characters overlap its training characters; we use the training permutation.)
+* ``mamlpp``: AntreasAntoniou/HowToTrainYourMAMLPytorch (@8696470) exactly: labels sorted as strings
   (data.py L321), ``np.random.RandomState(RandomState(val_seed=0).randint(1, 999999))``
-  shuffles their indices (data.py L132-133, L176, L194), split by the JSON config's
+  shuffles their indices (data.py L132-133, L176, L194), split by the JSON configs'
   ``train_val_test_split`` [0.70918052988, 0.03080714725, 0.2606284658] (L201-203):
   1,150 / 50 / 423.
 * ``lake``: background set (964 characters, 30 alphabets) for train and the evaluation

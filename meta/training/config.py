@@ -32,11 +32,11 @@ class DataConfig:
     root: str | None = None  # null: $META_DATA_ROOT, else ~/.cache/meta/data
     cache_dir: str | None = None  # null: $META_CACHE_DIR, else ~/.cache/meta/cache
     image_size: int = 28
-    resample: str = "lanczos"  # Omniglot resize filter: lanczos | maml (what PIL did to MAML's 1-bit PNGs)
+    resample: str = "maml"  # Omniglot resize: maml (what PIL did to the papers' 1-bit PNGs: nearest) | lanczos
     invert: bool = True  # Omniglot: bright strokes on black (MAML, ProtoNets); false: the PNGs' black on white
     # Omniglot rotation semantics: as_class (each character x angle is a class: Santoro, ProtoNets, Reptile) |
     # per_class (distinct characters, one random angle per class and task: MAML, MAML++, iMAML) | none
-    rotation: str = "as_class"
+    rotation: str = "per_class"
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])
     rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # splits that rotate at all
     download: bool = False  # opt-in download from the official URLs
