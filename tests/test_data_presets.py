@@ -4,6 +4,7 @@ keys reject bad values with one line that names the key."""
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from meta.training.config import ConfigError, available_presets, load_config
 
@@ -61,3 +62,12 @@ def test_protocol_is_only_checked_for_omniglot() -> None:
     assert load_config(["data.dataset=mnist", "data.protocol=within", "data.rotations=[0]"]).data.protocol == "within"
     cfg = load_config(["preset=mnist_cross_domain_5w1s"])
     assert (cfg.data.protocol, cfg.data.test_protocol) == ("maml_random", "cross_domain")
+
+
+def test_a_run_saved_with_the_old_split_name_loads_with_the_new_one() -> None:
+    saved = load_config([])
+    old = {**OmegaConf.to_container(saved), "preset": None}
+    old["data"]["protocol"] = "vinyals"
+    with pytest.raises(ConfigError, match="pass data.protocol=maml_random"):
+        load_config([], base=old)
+    assert load_config(["data.protocol=maml_random"], base=old).data.protocol == "maml_random"

@@ -279,8 +279,8 @@ def _validate_data(data: DictConfig) -> None:
             continue
         if value in RENAMED:
             raise ConfigError(f"{key}={value!r} was renamed: the random 1100/100/423 character split is now "
-                              f"{key}={RENAMED[value]} (the real Vinyals split is protonets_vinyals); for a saved run, "
-                              f"set {key}: {RENAMED[value]} in its config.yaml")
+                              f"{key}={RENAMED[value]} (the real Vinyals split is protonets_vinyals); for a run saved "
+                              f"before the rename, pass {key}={RENAMED[value]} (same characters)")
         if value not in PROTOCOLS:
             raise ConfigError(f"{key}={value!r} is not an Omniglot protocol: {PROTOCOLS}")
     bad = [r for r in data.rotations if r not in (0, 90, 180, 270)]
