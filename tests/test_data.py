@@ -29,7 +29,7 @@ from meta.data.cache import source_fingerprint
 from meta.data.download import download_file, file_md5, verify_md5
 from meta.data.mnist import group_by_class
 from meta.data.omniglot import load_omniglot_characters, read_omniglot, rotate_classes
-from meta.data.splits import load_split, make_split_files, split_path, split_to_json
+from meta.data.splits import PROTOCOLS, load_split, make_split_files, split_path, split_to_json
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -82,7 +82,7 @@ def fake_splits(root: Path) -> dict[str, dict]:
     chars = read_omniglot(root / "omniglot", 28, expected_counts=FAKE_COUNTS)
     bg = [n for n, s in zip(chars["names"], chars["sets"], strict=True) if s == "background"]
     ev = [n for n, s in zip(chars["names"], chars["sets"], strict=True) if s == "evaluation"]
-    return make_split_files(bg, ev, num_train=4, num_val=1, num_val_alphabets=1)
+    return make_split_files(bg, ev, num_train=4, num_val=1, num_val_alphabets=1, num_train_seeded=5)
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def fake_root(tmp_path: Path) -> Path:
 
 
 def _load(root: Path, split: str, cache: Path, **kw) -> ClassPool:
-    protocol = kw.pop("protocol", "vinyals")
+    protocol = kw.pop("protocol", "maml_random")
     return load_omniglot(root, split, protocol=protocol, cache_dir=cache, expected_counts=FAKE_COUNTS,
                          splits=fake_splits(root)[protocol], **kw)
 
@@ -263,6 +263,8 @@ def test_bad_requests_raise_clear_errors() -> None:
         load_omniglot(None, "validation")
     with pytest.raises(ValueError, match="unknown Omniglot protocol"):
         load_omniglot(None, "train", protocol="nope")
+    with pytest.raises(ValueError, match="unknown rotation mode"):
+        load_omniglot(None, "train", rotation="random")
     with pytest.raises(ValueError, match="rotations"):
         load_omniglot(None, "train", rotations=(0, 45))
     with pytest.raises(ValueError, match="rotate_splits"):
@@ -417,6 +419,69 @@ def test_splits_and_rotations(fake_root: Path, tmp_path: Path) -> None:
     assert len(alph["val"]) == 1 and not (alph["val"] & alph["train"])
 
 
+def _character_of(pool: ClassPool, cls: torch.Tensor) -> list[str]:
+    return [pool.names[int(c)].split("@")[0] for c in cls]
+
+
+def test_per_class_rotation_draws_distinct_characters_each_at_one_angle(fake_root: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    plain = _load(fake_root, "train", cache, rotation="none")
+    pool = _load(fake_root, "train", cache, rotation="per_class")
+    assert pool.names == plain.names and "@" not in pool.names[0]  # one class per character
+    assert pool.rotations == (0, 90, 180, 270) and plain.rotations == (0,)
+    sampler = TaskSampler(pool, ways=4, shots=2, queries=2)
+    idx = sampler.sample_indices(200, torch.Generator().manual_seed(0))
+    batch = sampler.batch_from_indices(idx)
+    # no task holds two rotations of one character (4-way tasks from 4 characters: every task has all of them)
+    assert all(len(set(_character_of(pool, c))) == 4 for c in idx.classes)
+    # every angle occurs, each about equally often, and classes of one task get independent angles
+    counts = torch.bincount(idx.rotations.flatten(), minlength=4)
+    assert (counts > 150).all() and (idx.rotations != idx.rotations[:, :1]).any(dim=1).float().mean() > 0.5
+    # every image of a class in a task is that character's drawing rotated by the task's angle for the class
+    for t in range(20):
+        for label in range(4):
+            r = int(idx.rotations[t, label])
+            want = torch.rot90(pool.images[int(idx.classes[t, label])], r, dims=(-2, -1)).float() / 255
+            for x in (batch.support_x[t][batch.support_y[t] == label][:, 0],
+                      batch.query_x[t][batch.query_y[t] == label][:, 0]):
+                assert all(any(torch.equal(img, w) for w in want) for img in x)
+    # rotation-as-class on the same characters does put two rotations of one character in a task
+    as_class = TaskSampler(_load(fake_root, "train", cache), ways=4, shots=2, queries=2)
+    cls = as_class.sample_indices(200, torch.Generator().manual_seed(0)).classes
+    assert sum(len(set(_character_of(as_class.pool, c))) < 4 for c in cls) > 50
+
+
+def test_per_class_rotation_off_per_split_and_fixed_evaluation_set(fake_root: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    test = _load(fake_root, "test", cache, rotation="per_class", rotate_splits=("train",))
+    assert test.rotations == (0,) and test.num_classes == 3  # MAML++: rotated training tasks, unrotated test
+    idx = TaskSampler(test, 3, 1, 1).sample_indices(50, torch.Generator().manual_seed(1))
+    assert not idx.rotations.any()
+    pool = _load(fake_root, "test", cache, rotation="per_class")
+    sampler = TaskSampler(pool, 3, 1, 2)
+    a = list(evaluation_tasks(sampler, num_tasks=130, seed=7, batch_size=64))
+    b = list(evaluation_tasks(sampler, num_tasks=130, seed=7, batch_size=13))
+    for part in range(4):
+        assert torch.equal(torch.cat([x[part] for x in a]), torch.cat([x[part] for x in b]))
+    c = list(evaluation_tasks(sampler, num_tasks=130, seed=8, batch_size=64))
+    assert not torch.equal(torch.cat([x.support_x for x in a]), torch.cat([x.support_x for x in c]))
+
+
+def test_invert_false_gives_the_pngs_dark_strokes(fake_root: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    bright = _load(fake_root, "val", cache, rotation="none")
+    dark = _load(fake_root, "val", cache, rotation="none", invert=False)
+    assert torch.equal(dark.images, 255 - bright.images)
+    assert dark.images.float().mean() > 128 > bright.images.float().mean()  # mostly white background
+
+
+def test_class_pool_rejects_bad_rotations() -> None:
+    images, counts = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([3, 3])
+    for bad in ((), (0, 0), (0, 45)):
+        with pytest.raises(ValueError, match="rotations must be distinct multiples of 90"):
+            ClassPool(images, counts, ["a", "b"], bad)
+
+
 def test_rotate_classes_layout() -> None:
     images = torch.arange(2 * 1 * 2 * 2, dtype=torch.uint8).reshape(2, 1, 2, 2)
     out, names = rotate_classes(images, ["a", "b"], (0, 90))
@@ -427,7 +492,7 @@ def test_rotate_classes_layout() -> None:
 # ----------------------------------------------------------------------------- split files
 
 
-@pytest.mark.parametrize("protocol", ["vinyals", "lake"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_committed_split_regenerates_identically(protocol: str) -> None:
     committed = split_path(protocol).read_text()
     stored = load_split(protocol)
@@ -435,19 +500,64 @@ def test_committed_split_regenerates_identically(protocol: str) -> None:
     assert split_to_json(regenerated) == committed
 
 
-def test_committed_split_sizes_and_disjointness() -> None:
-    v = load_split("vinyals")
-    assert (len(v["background"]), len(v["evaluation"])) == (964, 659)
-    assert [len(v[s]) for s in ("train", "val", "test")] == [1100, 100, 423]
-    everything = set(v["background"]) | set(v["evaluation"])
-    for split in (v, load_split("lake")):
-        parts = [set(split[s]) for s in ("train", "val", "test")]
-        assert sum(map(len, parts)) == len(set.union(*parts)) == len(everything) == 1623
-        assert set.union(*parts) == everything
+def _alphabets(names: list[str]) -> set[str]:
+    return {n.split("/")[0] for n in names}
+
+
+@pytest.mark.parametrize(("protocol", "sizes"), [
+    ("maml_random", (1100, 100, 423)), ("protonets_vinyals", (1028, 172, 423)),
+    ("protonets_vinyals_trainval", (1200, 172, 423)), ("reptile", (1200, 1200, 423)), ("imaml", (1200, 1200, 423)),
+    ("mamlpp", (1150, 50, 423)), ("lake", (804, 160, 659)),
+])
+def test_committed_split_sizes_and_disjointness(protocol: str, sizes: tuple) -> None:
+    split = load_split(protocol)
+    assert (len(split["background"]), len(split["evaluation"])) == (964, 659)
+    assert tuple(len(split[s]) for s in ("train", "val", "test")) == sizes
+    everything = set(split["background"]) | set(split["evaluation"])
+    train, val, test = (set(split[s]) for s in ("train", "val", "test"))
+    assert not (train & test) and not (val & test)  # the test characters are never trained or validated on
+    assert train | val | test == everything and len(everything) == 1623
+    if protocol in ("reptile", "imaml", "protonets_vinyals_trainval"):
+        assert val <= train  # reptile/imaml: no validation split in the code; trainval retrains on val
+    else:
+        assert not (train & val)
+
+
+def test_vinyals_split_holds_out_alphabets_like_protonets_files() -> None:
+    v = load_split("protonets_vinyals")
+    # ProtoNets' val.txt/test.txt: 5 val alphabets, 13 test alphabets (jakesnell/prototypical-networks c9bb4d2)
+    assert len(_alphabets(v["val"])) == 5 and len(_alphabets(v["test"])) == 13
+    assert _alphabets(v["val"]).isdisjoint(_alphabets(v["train"]) | _alphabets(v["test"]))
+    # whole-alphabet hold-out, except Gurmukhi: characters 01-41 train, 42-45 test
+    assert _alphabets(v["train"]) & _alphabets(v["test"]) == {"Gurmukhi"}
+    assert [n for n in v["test"] if n.startswith("Gurmukhi/")] == [f"Gurmukhi/character{i}" for i in range(42, 46)]
+    trainval = load_split("protonets_vinyals_trainval")
+    assert trainval["train"] == sorted(v["train"] + v["val"]) and trainval["test"] == v["test"]
     lake = load_split("lake")
     assert set(lake["test"]) == set(lake["evaluation"])
-    assert {n.split("/")[0] for n in lake["val"]}.isdisjoint({n.split("/")[0] for n in lake["train"]})
-    assert len({n.split("/")[0] for n in lake["val"]}) == 5
+    assert _alphabets(lake["val"]).isdisjoint(_alphabets(lake["train"])) and len(_alphabets(lake["val"])) == 5
+
+
+def test_seeded_splits_follow_the_original_recipes() -> None:
+    """The recipes, re-derived independently here (a shuffled list, not shuffled indices)."""
+    import random
+
+    v = load_split("reptile")
+    listing = sorted(v["background"] + v["evaluation"], key=lambda n: tuple(n.split("/")))
+    rng = random.Random(0)  # supervised-reptile: random.seed(args.seed=0); random.shuffle(list(dataset))
+    rng.shuffle(listing)
+    assert v["train"] == sorted(listing[:1200]) and v["test"] == sorted(listing[1200:])
+    m = load_split("mamlpp")
+    labels = sorted(m["background"] + m["evaluation"])
+    rs = np.random.RandomState(np.random.RandomState(0).randint(1, 999999))
+    idx = np.arange(len(labels), dtype=np.int32)
+    rs.shuffle(idx)
+    assert m["val"] == sorted(labels[i] for i in idx[1150:1200])
+
+
+def test_renamed_protocol_names_the_new_one() -> None:
+    with pytest.raises(ValueError, match="renamed.*'maml_random'.*protonets_vinyals"):
+        load_split("vinyals")
 
 
 # ----------------------------------------------------------------------------- MNIST helpers

@@ -59,7 +59,7 @@ def test_omniglot_content(characters: dict, cache_dir: Path) -> None:
     assert float(images.float().mean()) < 40 and int(images.max()) == 255
     assert (images.flatten(2).amax(-1) > 0).all()  # no blank drawing
     # names match the inputs stored in the committed split files
-    stored = load_split("vinyals")
+    stored = load_split("maml_random")
     assert names == sorted(stored["background"] + stored["evaluation"])
     assert list_omniglot_characters(OMNIGLOT) == {
         "background": stored["background"], "evaluation": stored["evaluation"]}
@@ -70,17 +70,25 @@ def test_omniglot_content(characters: dict, cache_dir: Path) -> None:
     assert source_fingerprint(OMNIGLOT) == before
 
 
+SPLIT_SIZES = [
+    ("maml_random", (1100, 100, 423)), ("protonets_vinyals", (1028, 172, 423)),
+    ("protonets_vinyals_trainval", (1200, 172, 423)), ("reptile", (1200, 1200, 423)), ("imaml", (1200, 1200, 423)),
+    ("mamlpp", (1150, 50, 423)), ("lake", (804, 160, 659)),
+]
+
+
 @needs_omniglot
-@pytest.mark.parametrize(
-    ("protocol", "sizes"), [("vinyals", (1100, 100, 423)), ("lake", (804, 160, 659))]
-)
+@pytest.mark.parametrize(("protocol", "sizes"), SPLIT_SIZES)
 def test_omniglot_splits(characters: dict, cache_dir: Path, protocol: str, sizes: tuple) -> None:
     pools = {s: load_omniglot(ROOT, s, protocol=protocol, cache_dir=cache_dir)
              for s in ("train", "val", "test")}
     assert [p.num_classes for p in pools.values()] == [4 * n for n in sizes]
     base = {s: {n.split("@")[0] for n in p.names} for s, p in pools.items()}
     assert [len(b) for b in base.values()] == list(sizes)
-    assert not (base["train"] & base["val"] or base["train"] & base["test"] or base["val"] & base["test"])
+    assert not (base["train"] & base["test"] or base["val"] & base["test"])
+    assert (base["val"] <= base["train"]) if protocol in ("reptile", "imaml", "protonets_vinyals_trainval") \
+        else not (base["train"] & base["val"])
+    assert base["train"] | base["val"] | base["test"] == set(characters["names"])
     train = pools["train"]
     index = {n: i for i, n in enumerate(characters["names"])}
     for c in (0, 4 * 57, train.num_classes - 4):
@@ -89,8 +97,36 @@ def test_omniglot_splits(characters: dict, cache_dir: Path, protocol: str, sizes
             assert train.names[c + r] == f"{name}@rot{90 * r}"
             want = torch.rot90(characters["images"][index[name]], r, dims=(-2, -1))
             assert torch.equal(train.images[c + r], want)
+    alphabets = {s: {n.split("/")[0] for n in b} for s, b in base.items()}
     if protocol == "lake":
-        assert base["test"] == set(load_split("lake")["evaluation"])
+        assert base["test"] == set(load_split("lake")["evaluation"]) and len(alphabets["test"]) == 20
+    if protocol == "protonets_vinyals":  # whole alphabets held out (Gurmukhi is split, as in ProtoNets' files)
+        assert (len(alphabets["val"]), len(alphabets["test"])) == (5, 13)
+        assert alphabets["train"] & alphabets["test"] == {"Gurmukhi"} and not alphabets["val"] & alphabets["train"]
+
+
+@needs_omniglot
+def test_omniglot_per_class_rotation_and_inversion(characters: dict, cache_dir: Path) -> None:
+    """MAML's semantics on the real test split: 20-way tasks of distinct characters, each at a drawn angle."""
+    as_class = TaskSampler(load_omniglot(ROOT, "test", cache_dir=cache_dir), ways=20, shots=1, queries=1)
+    chars = [[as_class.pool.names[int(c)].split("@")[0] for c in t]
+             for t in as_class.sample_indices(600, torch.Generator().manual_seed(0)).classes]
+    shared = sum(len(set(c)) < 20 for c in chars) / 600
+    assert 0.15 < shared < 0.45  # about 29% of rotation-as-class 20-way tasks repeat a character
+    pool = load_omniglot(ROOT, "test", cache_dir=cache_dir, rotation="per_class", invert=False, resample="lanczos")
+    assert pool.num_classes == 423 and pool.rotations == (0, 90, 180, 270)
+    sampler = TaskSampler(pool, ways=20, shots=1, queries=1)
+    idx = sampler.sample_indices(600, torch.Generator().manual_seed(0))
+    assert all(len(set(t.tolist())) == 20 for t in idx.classes)
+    assert torch.bincount(idx.rotations.flatten(), minlength=4).min() > 2500  # 12,000 draws, ~3,000 each
+    batch = sampler.batch_from_indices(idx.slice(0, 2))
+    for label in range(20):
+        c, r = int(idx.classes[0, label]), int(idx.rotations[0, label])
+        x = batch.support_x[0][batch.support_y[0] == label][0, 0]
+        original = characters["images"][characters["names"].index(pool.names[c])]
+        drawings = torch.rot90(255 - original, r, dims=(-2, -1)).float() / 255
+        assert any(torch.equal(x, d) for d in drawings)
+    assert float(batch.support_x.mean()) > 0.5  # not inverted: mostly white
 
 
 @needs_omniglot

@@ -32,7 +32,7 @@ from meta.data.download import download_file
 from meta.data.errors import DataError
 from meta.data.paths import resolve_cache_dir, resolve_data_root
 from meta.data.pool import ClassPool
-from meta.data.splits import PROTOCOLS, SPLIT_NAMES, load_split
+from meta.data.splits import SPLIT_NAMES, check_protocol, load_split
 
 SETS = {"background": "images_background", "evaluation": "images_evaluation"}
 URLS = {
@@ -47,6 +47,10 @@ URLS = {
 }
 RESAMPLE = ("lanczos", "maml")
 ROTATIONS = (0, 90, 180, 270)
+# as_class: every (character, angle) is its own class (Santoro et al., ProtoNets, Reptile's training set);
+# per_class: tasks hold distinct characters, each shown at one angle drawn per task and class (MAML, MAML++, iMAML);
+# none: unrotated characters only
+ROTATION_MODES = ("as_class", "per_class", "none")
 _CACHE_FORMAT = 1
 _DRAWING_RE = re.compile(r"^(\d+)_(\d+)\.png$")
 
@@ -306,8 +310,10 @@ def rotate_classes(
     return out, [f"{n}@rot{deg}" for n in names for deg in rotations]
 
 
-def _check_rotations(rotations: Iterable[int], rotate_splits: Iterable[str]) -> tuple:
+def _check_rotations(rotations: Iterable[int], rotate_splits: Iterable[str], rotation: str) -> tuple:
     rotations, rotate_splits = tuple(rotations), tuple(rotate_splits)
+    if rotation not in ROTATION_MODES:
+        raise ValueError(f"unknown rotation mode {rotation!r}; expected one of {ROTATION_MODES}")
     bad = [r for r in rotations if r not in ROTATIONS]
     if bad or len(set(rotations)) != len(rotations):
         raise ValueError(f"rotations must be distinct values from {ROTATIONS}, got {rotations}")
@@ -321,10 +327,12 @@ def load_omniglot(
     root: str | Path | None,
     split: str,
     *,
-    protocol: str = "vinyals",
+    protocol: str = "maml_random",
     image_size: int = 28,
+    rotation: str = "as_class",
     rotations: Iterable[int] = ROTATIONS,
     rotate_splits: Iterable[str] = SPLIT_NAMES,
+    invert: bool = True,
     cache_dir: str | Path | None = None,
     download: bool = False,
     resample: str = "lanczos",
@@ -333,19 +341,23 @@ def load_omniglot(
 ) -> ClassPool:
     """One split of Omniglot as a ``ClassPool``.
 
-    ``split`` is "train", "val" or "test" of ``protocol`` ("vinyals": 1100/100/423
-    characters; "lake": background minus 5 alphabets / those 5 / evaluation). If ``split``
-    is in ``rotate_splits``, each character yields one class per angle in ``rotations``
-    (so the rotations of a character never cross a split). ``root`` is the data root
-    (None: ``$META_DATA_ROOT`` or the default). ``resample="maml"`` reproduces the MAML
-    code's resize of 1-bit images (PIL falls back to nearest); ``splits`` and
-    ``expected_counts`` replace the committed split and the official counts (fixtures).
+    ``split`` is "train", "val" or "test" of ``protocol`` (a committed split file, see
+    ``meta.data.splits``). If ``split`` is in ``rotate_splits`` and ``rotations`` is not
+    empty, ``rotation`` says what the angles mean: ``"as_class"`` makes one class per
+    (character, angle) (the rotations of a character never cross a split);
+    ``"per_class"`` keeps one class per character and lets the sampler draw one angle per
+    class and task (``ClassPool.rotations``); ``"none"`` (or a split not in
+    ``rotate_splits``) is unrotated. ``invert=True`` gives bright strokes on a dark
+    background (MAML, ProtoNets), ``False`` the PNGs' dark strokes on white (Reptile,
+    MAML++, iMAML). ``root`` is the data root (None: ``$META_DATA_ROOT`` or the default).
+    ``resample="maml"`` reproduces the MAML code's resize of 1-bit images (PIL falls back to
+    nearest); ``splits`` and ``expected_counts`` replace the committed split and the
+    official counts (fixtures).
     """
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown Omniglot protocol {protocol!r}; expected one of {PROTOCOLS}")
-    rotations, rotate_splits = _check_rotations(rotations, rotate_splits)
+    check_protocol(protocol)
+    rotations, rotate_splits = _check_rotations(rotations, rotate_splits, rotation)
     split_def = splits if splits is not None else load_split(protocol)
     data, _ = load_omniglot_characters(
         root, image_size=image_size, resample=resample, cache_dir=cache_dir,
@@ -360,8 +372,12 @@ def load_omniglot(
             f"(e.g. {missing[:3]}); the Omniglot copy does not match the official names"
         )
     images = data["images"][torch.tensor([index[n] for n in members], dtype=torch.long)]
-    names = members
-    if split in rotate_splits and rotations:
+    if not invert:  # the cache holds bright strokes; the PNGs have dark strokes on white
+        images = 255 - images
+    names, pool_rotations = members, (0,)
+    if split in rotate_splits and rotations and rotation == "as_class":
         images, names = rotate_classes(images, members, rotations)
+    elif split in rotate_splits and rotations and rotation == "per_class":
+        pool_rotations = rotations
     counts = torch.full((len(names),), images.shape[1], dtype=torch.long)
-    return ClassPool(images.contiguous(), counts, names)
+    return ClassPool(images.contiguous(), counts, names, pool_rotations)

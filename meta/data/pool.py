@@ -15,11 +15,14 @@ class ClassPool:
     ``images[c, d]`` is drawing ``d`` of class ``c`` (uint8, bright strokes on a dark
     background); only the first ``counts[c]`` drawings of class ``c`` are valid, the rest
     is zero padding. ``names[c]`` identifies the class, e.g. ``"Latin/character01@rot90"``.
+    ``rotations`` are the angles (multiples of 90 degrees, counter-clockwise) a sampler draws
+    from, one per class and task (MAML's rotation semantics); ``(0,)``: no rotation.
     """
 
     images: torch.Tensor  # uint8 [num_classes, max_drawings, H, W]
     counts: torch.Tensor  # long [num_classes]
     names: list[str] = field(default_factory=list)
+    rotations: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -32,6 +35,10 @@ class ClassPool:
                 f"ClassPool.counts must be long [{self.images.shape[0]}], "
                 f"got {self.counts.dtype} {tuple(self.counts.shape)}"
             )
+        rotations = tuple(self.rotations)
+        if not rotations or len(set(rotations)) != len(rotations) or any(r % 90 for r in rotations):
+            raise ValueError(f"ClassPool.rotations must be distinct multiples of 90, got {self.rotations!r}")
+        object.__setattr__(self, "rotations", rotations)
         if len(self.names) != self.images.shape[0]:
             raise ValueError(f"{len(self.names)} names for {self.images.shape[0]} classes")
         if self.images.shape[0] > 0:
@@ -63,14 +70,14 @@ class ClassPool:
 
     def to(self, device: torch.device | str) -> ClassPool:
         """Return a copy of the pool on ``device``."""
-        return ClassPool(self.images.to(device), self.counts.to(device), list(self.names))
+        return ClassPool(self.images.to(device), self.counts.to(device), list(self.names), self.rotations)
 
     def subset(self, indices: list[int] | torch.Tensor) -> ClassPool:
         """Return the pool restricted to the given class indices (in that order)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         names = [self.names[i] for i in idx.tolist()]
         idx = idx.to(self.images.device)
-        return ClassPool(self.images[idx], self.counts[idx], names)
+        return ClassPool(self.images[idx], self.counts[idx], names, self.rotations)
 
 
 def synthetic_pool(

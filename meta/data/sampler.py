@@ -38,13 +38,16 @@ class TaskIndices(NamedTuple):
 
     ``classes[t, n]`` is the pool class that gets label ``n`` in task ``t``;
     ``drawings[t, n]`` holds its K support drawings followed by its Q query drawings;
-    ``support_order``/``query_order`` permute the example positions within each task.
+    ``support_order``/``query_order`` permute the example positions within each task;
+    ``rotations[t, n]`` indexes the pool's ``rotations``: the angle of every image of class
+    ``n`` in task ``t`` (all zeros for a pool without rotations).
     """
 
     classes: torch.Tensor  # long [T, N]
     drawings: torch.Tensor  # long [T, N, K+Q]
     support_order: torch.Tensor  # long [T, N*K]
     query_order: torch.Tensor  # long [T, N*Q]
+    rotations: torch.Tensor  # long [T, N]
 
     def slice(self, start: int, stop: int) -> TaskIndices:
         """Tasks ``start:stop``."""
@@ -66,6 +69,9 @@ class TaskSampler:
     every task, every class's drawings are sampled without replacement (support and
     query drawings are distinct), and, with ``shuffle=True``, example positions inside
     the support and query sets are shuffled too so position carries no label information.
+    If the pool has several ``rotations``, every class of a task is shown at one of them,
+    drawn uniformly per task and class (MAML's semantics: the N classes are N distinct
+    pool classes, so two rotations of one character never share a task).
     """
 
     def __init__(
@@ -98,7 +104,11 @@ class TaskSampler:
             )
         self.device = torch.device(device)
         self.pool = pool.to(self.device)
-        self._flat_images = rearrange(self.pool.images, "c d h w -> (c d) h w").contiguous()
+        # every rotation of every drawing, rotation-major: row r * (C * D) + c * D + d
+        self._flat_images = torch.cat([
+            rearrange(torch.rot90(self.pool.images, r // 90, dims=(-2, -1)), "c d h w -> (c d) h w")
+            for r in self.pool.rotations
+        ]).contiguous()
         # uint8 -> [0, 1] as the CPU divides, on every device: CUDA divides by a scalar as a multiplication by its
         # reciprocal, which can differ in the last bit, so other devices look the CPU's quotients up in a table
         # (on the CPU, the division itself is 7x faster than the lookup)
@@ -144,15 +154,20 @@ class TaskSampler:
         else:
             s_order = torch.arange(n * k, device=dev).expand(num_tasks, -1)
             q_order = torch.arange(n * q, device=dev).expand(num_tasks, -1)
-        out = TaskIndices(classes, drawings, s_order, q_order)
+        if len(self.pool.rotations) > 1:  # drawn last, so pools without rotations keep their task streams
+            rot = torch.randint(len(self.pool.rotations), (num_tasks, n), generator=g, device=dev)
+        else:
+            rot = torch.zeros(num_tasks, n, dtype=torch.long, device=dev)
+        out = TaskIndices(classes, drawings, s_order, q_order, rot)
         return TaskIndices(*(t.to(self.device) for t in out))
 
     def batch_from_indices(self, idx: TaskIndices) -> TaskBatch:
         """Gather the images and labels named by ``idx`` (pure tensor indexing)."""
         k = self.shots
         t = idx.classes.shape[0]
-        # row of each drawing in the flattened [classes * max_drawings, H, W] image tensor
-        rows = idx.classes.unsqueeze(-1) * self.pool.max_drawings + idx.drawings  # [T, N, K+Q]
+        # row of each drawing in the flattened [rotations * classes * max_drawings, H, W] image tensor
+        per_rotation = self.pool.num_classes * self.pool.max_drawings
+        rows = (idx.rotations * per_rotation + idx.classes * self.pool.max_drawings).unsqueeze(-1) + idx.drawings
 
         def part(r: torch.Tensor, per_class: int, order: torch.Tensor):
             # before shuffling, position p of the "(n k)" layout holds label p // per_class

@@ -26,15 +26,21 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "omniglot"  # omniglot | mnist | synthetic
-    protocol: str = "vinyals"  # omniglot: vinyals | lake; mnist: within
+    # omniglot: maml_random | protonets_vinyals | protonets_vinyals_trainval | reptile | imaml | mamlpp | lake
+    # (meta/data/splits.py; the former "vinyals" is maml_random); mnist: within
+    protocol: str = "maml_random"
     test_dataset: str | None = None  # null: same as dataset; mnist for the cross-domain protocol
     test_protocol: str | None = None  # null: same as protocol; cross_domain for Omniglot -> MNIST
     root: str | None = None  # null: $META_DATA_ROOT, else ~/.cache/meta/data
     cache_dir: str | None = None  # null: $META_CACHE_DIR, else ~/.cache/meta/cache
     image_size: int = 28
-    resample: str = "lanczos"  # Omniglot resize filter: lanczos | maml (what PIL did to MAML's 1-bit PNGs)
+    resample: str = "maml"  # Omniglot resize: maml (what PIL did to the papers' 1-bit PNGs: nearest) | lanczos
+    invert: bool = True  # Omniglot: bright strokes on black (MAML, ProtoNets); false: the PNGs' black on white
+    # Omniglot rotation semantics: as_class (each character x angle is a class: Santoro, ProtoNets, Reptile) |
+    # per_class (distinct characters, one random angle per class and task: MAML, MAML++, iMAML) | none
+    rotation: str = "per_class"
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])
-    rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # splits that rotate at all
     download: bool = False  # opt-in download from the official URLs
     synthetic_classes: int = 64  # synthetic data set only
     synthetic_drawings: int = 20  # synthetic data set only
@@ -161,6 +167,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "dtype": ("float32", "float64"),
     "driver": ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads"),
     "data.dataset": ("omniglot", "mnist", "synthetic"),
+    "data.resample": ("lanczos", "maml"),
+    "data.rotation": ("as_class", "per_class", "none"),
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
     "eval.checkpoint": ("best", "last"),
@@ -317,6 +325,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.inner.batch_size is not None and cfg.algorithm in ("imaml", "protonets"):
         raise ConfigError(f"inner.batch_size applies to the inner loops of maml, mamlpp and reptile, not "
                           f"algorithm={cfg.algorithm}")
+    _validate_data(cfg.data)
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     from meta.training.builders import LEARNER_CLASSES
@@ -351,6 +360,28 @@ def validate(cfg: DictConfig) -> None:
     if cfg.inner.learnable_lr and "learnable" not in accepted:
         raise ConfigError(f"inner.learnable_lr=true: rule {cfg.inner.rule!r} has no learnable-step-size option "
                           f"(its factory takes no 'learnable' argument); leave inner.learnable_lr false")
+
+
+def _validate_data(data: DictConfig) -> None:
+    """Omniglot protocol names (with the renamed ones), rotation angles and rotated splits."""
+    from meta.data.splits import PROTOCOLS, RENAMED, SPLIT_NAMES
+
+    for key, dataset in (("data.protocol", data.dataset), ("data.test_protocol", data.test_dataset or data.dataset)):
+        value = OmegaConf.select(data, key.split(".", 1)[1])
+        if dataset != "omniglot" or (key == "data.test_protocol" and value is None):
+            continue
+        if value in RENAMED:
+            raise ConfigError(f"{key}={value!r} was renamed: the random 1100/100/423 character split is now "
+                              f"{key}={RENAMED[value]} (the real Vinyals split is protonets_vinyals); for a run saved "
+                              f"before the rename, pass {key}={RENAMED[value]} (same characters)")
+        if value not in PROTOCOLS:
+            raise ConfigError(f"{key}={value!r} is not an Omniglot protocol: {PROTOCOLS}")
+    bad = [r for r in data.rotations if r not in (0, 90, 180, 270)]
+    if bad or len(set(data.rotations)) != len(data.rotations):
+        raise ConfigError(f"data.rotations={list(data.rotations)} must be distinct angles from [0, 90, 180, 270]")
+    unknown = [s for s in data.rotate_splits if s not in SPLIT_NAMES]
+    if unknown:
+        raise ConfigError(f"data.rotate_splits has unknown split(s) {unknown}; expected some of {list(SPLIT_NAMES)}")
 
 
 def config_hash(cfg: DictConfig) -> str:
