@@ -139,15 +139,17 @@ def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver
 
 
 @pytest.mark.parametrize("kind", ["conv4", "mlp"])
-def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, kind, monkeypatch):
+@pytest.mark.parametrize("protocol", ["ours", "maml_code"])
+def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, kind, protocol, monkeypatch):
     """Outside vmap on a CPU, TaskBatchNorm runs PyTorch's fused kernel; forced onto its primitives it gives the
-    same second-order meta-gradient (float64), and under vmap it always uses the primitives."""
+    same second-order meta-gradient (float64), and under vmap it always uses the primitives. ``maml_code``: the
+    beta-only norm with eps 1e-3, not inner-adapted."""
     from meta.models import norms
 
     calls = []
     fused = F.batch_norm
     monkeypatch.setattr(norms.F, "batch_norm", lambda *a, **k: calls.append(norms.under_vmap()) or fused(*a, **k))
-    learner = make_learner(kind, "task_bn", steps=2, first_order=False)
+    learner = make_learner(kind, "task_bn", steps=2, first_order=False, protocol=protocol)
     results = {}
     for use_fused in (True, False):
         monkeypatch.setattr(norms.TaskBatchNorm, "use_fused_kernel", use_fused)
