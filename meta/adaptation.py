@@ -19,6 +19,23 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _AUTOGRAD_INNER = contextvars.ContextVar("autograd_inner_gradients", default=False)
 
+#: How the inner (support) loss reduces its per-example losses: ``mean``, or ``sum_over_shots``, the sum divided
+#: by the shots K, as cbfinn/maml's ``xent`` (utils.py:L56-L58 divides the per-example cross-entropy by
+#: ``update_batch_size``) under ``tf.gradients`` of that vector (maml.py:L90, L101), which sums it.
+INNER_LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+
+
+def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> float:
+    """The factor that turns the mean loss over an inner batch of ``batch`` examples into ``reduction``.
+
+    ``sum_over_shots`` is ``sum / K`` with ``K = support / ways`` shots per class, i.e. ``ways * batch /
+    support`` times the mean: ``ways`` (N) on the full support set, less on an inner mini-batch."""
+    if reduction == "mean":
+        return 1.0
+    if reduction == "sum_over_shots":
+        return ways * batch / support
+    raise ValueError(f"unknown inner loss reduction {reduction!r}; choose one of {INNER_LOSS_REDUCTIONS}")
+
 
 @contextlib.contextmanager
 def autograd_inner_gradients() -> Iterator[None]:
@@ -56,32 +73,40 @@ def adapt_steps(
     steps: int,
     loss_fn: LossFn = F.cross_entropy,
     batch_size: int | None = None,
+    reduction: str = "mean",
 ) -> Iterator[Params]:
     """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
 
     With ``rule.per_sample`` the rule gets per-sample gradients ``[n, *shape]``
     (``vmap(grad)`` over the samples, which nests inside a vmap over tasks). With ``batch_size``, each step
-    sees only a mini-batch of the support set (:func:`support_batch`).
+    sees only a mini-batch of the support set (:func:`support_batch`). ``reduction`` (:data:`INNER_LOSS_REDUCTIONS`)
+    scales the mean support loss ``loss_fn`` by :func:`inner_loss_scale` (the ways are the logits' last
+    dimension); per-sample gradients get the same factor, so that their mean, which the per-sample rules
+    average, is the gradient of the reduced loss (and a clipping bound applies to the scaled gradients).
     """
     fast = {k: v for k, v in params.items() if rule.adapts(k)}
     frozen = {k: v for k, v in params.items() if k not in fast}
+    support = x.shape[0]
 
-    def support_loss(fast: Params, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(forward(rule.at_step({**frozen, **fast}, rule_params, i), buffers, x), y)
+    def support_loss(fast: Params, i: int, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+        logits = forward(rule.at_step({**frozen, **fast}, rule_params, i), buffers, x)
+        loss = loss_fn(logits, y)
+        return loss if reduction == "mean" else loss * inner_loss_scale(reduction, logits.shape[-1], batch, support)
 
-    def sample_loss(fast: Params, i: int, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return support_loss(fast, i, xi.unsqueeze(0), yi.unsqueeze(0))
+    def sample_loss(fast: Params, i: int, xi: torch.Tensor, yi: torch.Tensor, batch: int) -> torch.Tensor:
+        return support_loss(fast, i, xi.unsqueeze(0), yi.unsqueeze(0), batch)
 
     state = rule.init(fast)
     all_x, all_y = x, y
     for i in range(steps):
         x, y = support_batch(all_x, i, batch_size), support_batch(all_y, i, batch_size)
+        n = x.shape[0]
         if rule.per_sample:
-            grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi)), in_dims=(None, 0, 0))(fast, x, y)
+            grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi, n)), in_dims=(None, 0, 0))(fast, x, y)
         elif _AUTOGRAD_INNER.get():
-            (grads,) = autograd_grads(support_loss(fast, i, x, y), (fast,), create_graph=not rule.first_order)
+            (grads,) = autograd_grads(support_loss(fast, i, x, y, n), (fast,), create_graph=not rule.first_order)
         else:
-            grads = grad(support_loss)(fast, i, x, y)
+            grads = grad(support_loss)(fast, i, x, y, n)
         fast, state = rule.step(fast, grads, state, rule_params, i)
         yield {k: fast.get(k, v) for k, v in params.items()}
 
@@ -97,10 +122,12 @@ def adapt(
     steps: int,
     loss_fn: LossFn = F.cross_entropy,
     batch_size: int | None = None,
+    reduction: str = "mean",
 ) -> Params:
     """Run ``steps`` inner updates of ``rule`` on ``(x, y)``; return all parameters after adaptation."""
     adapted = params
-    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn, batch_size):
+    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn, batch_size,
+                                  reduction):
         adapted = after_step
     return adapted
 
@@ -120,8 +147,12 @@ def task_loss(
     loss_fn: LossFn = F.cross_entropy,
     step_weights: torch.Tensor | None = None,
     batch_size: int | None = None,
+    inner_reduction: str = "mean",
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Params]]:
     """Query loss of one task after adapting on its support set (in mini-batches of ``batch_size``, if given).
+
+    The inner (support) loss reduces by ``inner_reduction`` (:data:`INNER_LOSS_REDUCTIONS`); the query loss is
+    always ``loss_fn``, a mean.
 
     With ``step_weights`` (shape ``[steps]``, the multi-step loss of MAML++) the
     loss is ``sum_i step_weights[i] * query_loss(after step i)``; accuracy is
@@ -139,7 +170,8 @@ def task_loss(
 
     adapted, loss = params, 0.0
     for i, adapted in enumerate(
-        adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn, batch_size)
+        adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn, batch_size,
+                    inner_reduction)
     ):
         if step_weights is not None and i < steps - 1:
             loss = loss + step_weights[i] * loss_fn(query(adapted, i), query_y)

@@ -81,6 +81,8 @@ class MetaLearner(nn.Module):
         self.step_weights: torch.Tensor | None = None
         #: inner mini-batch size (Reptile): each inner step uses this many support examples (None: all of them)
         self.inner_batch_size: int | None = None
+        #: how the inner (support) loss reduces: mean, or MAML's sum_over_shots (meta.adaptation.inner_loss_scale)
+        self.inner_loss_reduction: str = "mean"
         if rule.per_sample:
             _check_no_batch_statistics(model)
         initial = detached(parameters_of(model))
@@ -120,6 +122,7 @@ class MetaLearner(nn.Module):
             loss_fn=self.loss_fn,
             step_weights=step_weights,
             batch_size=self.inner_batch_size,
+            inner_reduction=self.inner_loss_reduction,
         )
 
     def set_iteration(self, step: int, total: int) -> None:

@@ -21,19 +21,26 @@ def random_tasks(
     return support_x, support_y, query_x, query_y
 
 
-def _batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def _batch_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
     dims = [0, *range(2, x.dim())]
     mean = x.mean(dim=dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return (x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+    out = (x - mean) / torch.sqrt(var + eps)
+    out = out if weight is None else out * weight.view(shape)
+    return out if bias is None else out + bias.view(shape)
 
 
-def reference_forward(kind: str, norm: str, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Hand-written forward of Conv4 (strided or max-pool) and MLP, independent of meta.models."""
+def reference_forward(
+    kind: str, norm: str, p: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """Hand-written forward of Conv4 (strided or max-pool) and MLP, independent of meta.models. Norm layers
+    use whichever of their ``weight`` and ``bias`` ``p`` holds, and ``eps``."""
 
     def normed(h: torch.Tensor, prefix: str) -> torch.Tensor:
-        return _batch_norm(h, p[prefix + ".weight"], p[prefix + ".bias"]) if norm == "task_bn" else h
+        return _batch_norm(h, p.get(prefix + ".weight"), p.get(prefix + ".bias"), eps) if norm == "task_bn" else h
 
     if kind in ("conv4", "conv4_maxpool"):
         h = x
@@ -60,9 +67,15 @@ def reference_maml(
     steps: int,
     first_order: bool,
     batch_size: int | None = None,
+    *,
+    shots: int | None = None,
+    frozen: frozenset[str] = frozenset(),
+    eps: float = 1e-5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """MAML with plain autograd (no torch.func): mean query loss, its gradient, adapted params per task.
-    With ``batch_size``, inner step ``i`` uses support examples ``i*batch_size + j`` (modulo their number)."""
+    With ``batch_size``, inner step ``i`` uses support examples ``i*batch_size + j`` (modulo their number).
+    With ``shots``, the inner loss is cbfinn/maml's: the per-example cross-entropy summed and divided by
+    ``shots``. The parameters named in ``frozen`` are not adapted; ``eps`` is the batch norm's."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     losses, adapted_all = [], []
     for sx, sy, qx, qy in zip(*tasks):
@@ -70,10 +83,15 @@ def reference_maml(
         for i in range(steps):
             n = len(sx)
             rows = [(i * batch_size + j) % n for j in range(batch_size)] if batch_size else list(range(n))
-            loss = F.cross_entropy(reference_forward(kind, norm, fast, sx[rows]), sy[rows])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
-        losses.append(F.cross_entropy(reference_forward(kind, norm, fast, qx), qy))
+            logits = reference_forward(kind, norm, fast, sx[rows], eps)
+            if shots is None:
+                loss = F.cross_entropy(logits, sy[rows])
+            else:
+                loss = F.cross_entropy(logits, sy[rows], reduction="sum") / shots
+            names = [k for k in fast if k not in frozen]
+            grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)
+            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(names, grads)}}
+        losses.append(F.cross_entropy(reference_forward(kind, norm, fast, qx, eps), qy))
         adapted_all.append({k: v.detach() for k, v in fast.items()})
     mean_loss = torch.stack(losses).mean()
     grads = torch.autograd.grad(mean_loss, list(leaves.values()))

@@ -19,10 +19,21 @@ TOL = 1e-10
 MODELS = [("conv4", "task_bn"), ("conv4", "none"), ("mlp", "task_bn")]
 
 
-def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float = 0.4, seed: int = 0):
-    model = meta.build_model(kind, ways=5, norm=norm, generator=torch.Generator().manual_seed(seed)).double()
+def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float = 0.4, seed: int = 0,
+                 protocol: str = "ours"):
+    """A float64 MAML learner. ``protocol="maml_code"``: cbfinn/maml's inner loss (sum over shots), batch norm
+    (beta only, eps 1e-3, not inner-adapted) and init."""
+    code = protocol == "maml_code"
+    model = meta.build_model(kind, ways=5, norm=norm, generator=torch.Generator().manual_seed(seed),
+                             norm_affine="beta" if code else "gamma_beta", norm_eps=1e-3 if code else 1e-5,
+                             init="maml" if code else "xavier").double()
     rule = meta.sgd(lr=lr, first_order=first_order)
-    return meta.MetaLearner(model, rule, inner_steps=steps)
+    if code:
+        frozen = meta.models.norm_parameters_of(model)
+        rule = meta.masked(rule, lambda name: name not in frozen, label="frozen_norm")
+    learner = meta.MetaLearner(model, rule, inner_steps=steps)
+    learner.inner_loss_reduction = "sum_over_shots" if code else "mean"
+    return learner
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +44,9 @@ def tasks():
 @pytest.mark.parametrize("kind,norm", MODELS)
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
-    learner = make_learner(kind, norm, steps, first_order)
+@pytest.mark.parametrize("protocol", ["ours", "maml_code"])
+def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order, protocol):
+    learner = make_learner(kind, norm, steps, first_order, protocol=protocol)
     loop = learner.meta_gradient(tasks, driver="loop")
     runs = [("vmap", None, "native"), ("vmap", 3, "native"), ("vmap", None, "unfold"), ("auto", None, "context"),
             ("vmap_autograd", None, "native"), ("loop_autograd", None, "native"), ("loop_threads", None, "native")]
@@ -48,7 +60,9 @@ def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order):
         assert relative_error(vm.grads, loop.grads) < TOL
 
     params = dict(learner.model.named_parameters())
-    ref_loss, ref_grads, ref_adapted = reference_maml(kind, norm, params, tasks, 0.4, steps, first_order)
+    code = {"shots": 1, "frozen": meta.models.norm_parameters_of(learner.model), "eps": 1e-3}
+    ref_loss, ref_grads, ref_adapted = reference_maml(kind, norm, params, tasks, 0.4, steps, first_order,
+                                                      **(code if protocol == "maml_code" else {}))
     assert torch.allclose(loop.loss, ref_loss, rtol=TOL, atol=0)
     assert relative_error(loop.grads, ref_grads) < TOL
     stacked = {k: torch.stack([a[k] for a in ref_adapted]) for k in ref_adapted[0]}
@@ -125,15 +139,17 @@ def test_canary_conv_bias_before_batch_norm_has_zero_meta_gradient(tasks, driver
 
 
 @pytest.mark.parametrize("kind", ["conv4", "mlp"])
-def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, kind, monkeypatch):
+@pytest.mark.parametrize("protocol", ["ours", "maml_code"])
+def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, kind, protocol, monkeypatch):
     """Outside vmap on a CPU, TaskBatchNorm runs PyTorch's fused kernel; forced onto its primitives it gives the
-    same second-order meta-gradient (float64), and under vmap it always uses the primitives."""
+    same second-order meta-gradient (float64), and under vmap it always uses the primitives. ``maml_code``: the
+    beta-only norm with eps 1e-3, not inner-adapted."""
     from meta.models import norms
 
     calls = []
     fused = F.batch_norm
     monkeypatch.setattr(norms.F, "batch_norm", lambda *a, **k: calls.append(norms.under_vmap()) or fused(*a, **k))
-    learner = make_learner(kind, "task_bn", steps=2, first_order=False)
+    learner = make_learner(kind, "task_bn", steps=2, first_order=False, protocol=protocol)
     results = {}
     for use_fused in (True, False):
         monkeypatch.setattr(norms.TaskBatchNorm, "use_fused_kernel", use_fused)

@@ -12,6 +12,7 @@ from meta.training.config import ConfigError, available_presets, load_config
 MAML = ("maml_random", "per_class", ["train", "val", "test"], "maml", True)
 EXPECTED = {
     **{f"{a}_omniglot_{c}": MAML for a in ("maml", "fomaml") for c in ("5w1s", "5w5s", "20w1s", "20w5s")},
+    "maml_mlp_omniglot_5w1s": MAML, "maml_mlp_omniglot_5w5s": MAML,
     "maml_omniglot_5w1s_cpu30": MAML, "omniglot_5w1s_quick": MAML, "anil_omniglot_5w1s": MAML,
     "metasgd_omniglot_5w1s": MAML, "metacurvature_omniglot_5w1s": MAML, "clipped_sgd_omniglot_5w1s": MAML,
     "protonets_omniglot_5w1s": ("protonets_vinyals", "as_class", ["train", "val", "test"], "maml", True),

@@ -51,10 +51,13 @@ def assert_same(a: meta.TaskBatchResult, b: meta.TaskBatchResult, rule_grads: bo
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
-def test_every_registered_rule_agrees_under_vmap_and_loop(name, tasks):
-    """Registering a rule is enough to get this test: loss, meta-gradient and rule-parameter gradient."""
+@pytest.mark.parametrize("reduction", ["mean", "sum_over_shots"])
+def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, tasks):
+    """Registering a rule is enough to get this test: loss, meta-gradient and rule-parameter gradient, with the
+    mean inner loss and cbfinn/maml's sum over shots."""
     rule = RULES[name]()
     learner = meta.MetaLearner(small_model(), rule, inner_steps=2)
+    learner.inner_loss_reduction = reduction
     perturb_rule_params(learner)
     loop = learner.meta_gradient(tasks, driver="loop")
     vm = learner.meta_gradient(tasks, driver="vmap")

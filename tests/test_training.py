@@ -233,14 +233,24 @@ def test_every_preset_loads_and_pins_the_protocol(preset):
     assert cfg.task.ways > 1 and cfg.inner.lr > 0 and cfg.eval.tasks >= 600
 
 
-def test_paper_presets_match_maml_appendix():
+def test_paper_presets_match_maml_code():
+    """The MAML-family presets follow cbfinn/maml's code (main.py usage lines, flags, utils.py, maml.py)."""
     five = load_config(["preset=maml_omniglot_5w1s"])
-    assert (five.inner.steps, five.inner.lr, five.inner.test_steps, five.train.meta_batch) == (1, 0.4, 3, 32)
+    assert (five.inner.steps, five.inner.lr, five.inner.test_steps, five.train.meta_batch) == (1, 0.4, 10, 32)
     twenty = load_config(["preset=maml_omniglot_20w5s"])
     assert (twenty.inner.steps, twenty.inner.lr, twenty.train.meta_batch, twenty.task.queries) == (5, 0.1, 16, 5)
     assert load_config(["preset=fomaml_omniglot_5w1s"]).inner.first_order
     for cfg in (five, twenty):
         assert cfg.train.iterations == 60000 and cfg.train.meta_lr == 1e-3 and cfg.eval.tasks == 600
+    family = [f"{kind}_omniglot_{cell}" for kind in ("maml", "fomaml") for cell in ("5w1s", "5w5s", "20w1s", "20w5s")]
+    family += ["maml_omniglot_5w1s_cpu30", "maml_mlp_omniglot_5w1s", "maml_mlp_omniglot_5w5s"]
+    for preset in family:
+        cfg = load_config([f"preset={preset}"])
+        knobs = (cfg.inner.loss_reduction, cfg.inner.adapt_norm, cfg.model.norm_affine, cfg.model.norm_eps,
+                 cfg.model.init, cfg.eval.checkpoint, cfg.inner.test_steps, cfg.task.queries)
+        assert knobs == ("sum_over_shots", False, "beta", 1e-3, "maml", "last", 10, cfg.task.shots), preset
+    mlp = load_config(["preset=maml_mlp_omniglot_5w5s"])
+    assert (mlp.model.name, mlp.task.shots, mlp.reference.accuracy) == ("mlp", 5, 97.5)
 
 
 def test_reptile_and_protonets_presets_pin_their_training_episodes():

@@ -12,8 +12,17 @@ from meta.models.functional import (
     parameters_of,
     relative_error,
 )
-from meta.models.networks import CONV_IMPLS, MLP, Conv4, TaskConv2d, conv_impl, initialize, set_conv_impl
-from meta.models.norms import TaskBatchNorm, find_fused_norms, make_norm
+from meta.models.networks import (
+    CONV_IMPLS,
+    INIT_SCHEMES,
+    MLP,
+    Conv4,
+    TaskConv2d,
+    conv_impl,
+    initialize,
+    set_conv_impl,
+)
+from meta.models.norms import NORM_AFFINES, TaskBatchNorm, find_fused_norms, make_norm, norm_parameters_of
 
 
 def build_model(
@@ -24,25 +33,34 @@ def build_model(
     in_channels: int = 1,
     image_size: int = 28,
     generator: torch.Generator | None = None,
+    norm_eps: float = 1e-5,
+    norm_affine: str = "gamma_beta",
+    init: str = "xavier",
 ) -> nn.Module:
     """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
 
-    With a ``generator`` the weights are drawn from it (:func:`initialize`); without one, PyTorch's
-    default initialization draws from the global RNG.
+    ``norm_eps`` and ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) shape the norm layers. With a
+    ``generator`` the weights are drawn from it by the ``init`` scheme (:func:`initialize`: ``xavier`` or
+    ``maml``); without one, PyTorch's default initialization draws from the global RNG.
     """
+    options = {"eps": norm_eps, "affine": norm_affine}
     if name == "conv4":
-        model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size)
+        model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size, norm_options=options)
     elif name == "conv4_maxpool":
-        model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size)
+        model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size,
+                      norm_options=options)
     elif name == "mlp":
-        model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm)
+        model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm, norm_options=options)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of conv4, conv4_maxpool, mlp")
-    return model if generator is None else initialize(model, generator)
+    return model if generator is None else initialize(model, generator, init)
 
 
 __all__ = [
     "CONV_IMPLS",
+    "INIT_SCHEMES",
+    "NORM_AFFINES",
+    "norm_parameters_of",
     "TaskConv2d",
     "set_conv_impl",
     "conv_impl",

@@ -74,13 +74,15 @@ def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
 class ConvBlock(nn.Module):
     """3x3 conv, norm, ReLU, then 2x downsampling by stride or max-pool."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str, downsample: str) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str, downsample: str, norm_options: dict | None = None
+    ) -> None:
         super().__init__()
         if downsample not in DOWNSAMPLE_CHOICES:
             raise ValueError(f"unknown downsample {downsample!r}; choose one of {DOWNSAMPLE_CHOICES}")
         stride = 2 if downsample == "stride" else 1
         self.conv = TaskConv2d(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.norm = make_norm(norm, out_channels)
+        self.norm = make_norm(norm, out_channels, **(norm_options or {}))
         self.pool = nn.MaxPool2d(2) if downsample == "maxpool" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +95,7 @@ class Conv4(nn.Module):
     ``downsample="stride"`` is MAML's Omniglot network (strided convolutions,
     features averaged over space before the head); ``"maxpool"`` is the
     MAML++/ProtoNets variant (padded convolutions, 2x2 max-pool, flattened).
+    ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``).
     """
 
     def __init__(
@@ -103,11 +106,12 @@ class Conv4(nn.Module):
         norm: str = "task_bn",
         downsample: str = "stride",
         image_size: int = 28,
+        norm_options: dict | None = None,
     ) -> None:
         super().__init__()
         channels = [in_channels, hidden, hidden, hidden, hidden]
         self.features = nn.Sequential(
-            *(ConvBlock(channels[i], channels[i + 1], norm, downsample) for i in range(4))
+            *(ConvBlock(channels[i], channels[i + 1], norm, downsample, norm_options) for i in range(4))
         )
         self.downsample = downsample
         side = image_size
@@ -128,7 +132,8 @@ class Conv4(nn.Module):
 
 
 class MLP(nn.Module):
-    """MAML's fully connected network: 256-128-64-64 hidden units, norm, ReLU, N-way head."""
+    """MAML's fully connected network: 256-128-64-64 hidden units, norm, ReLU, N-way head.
+    ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``)."""
 
     def __init__(
         self,
@@ -136,12 +141,13 @@ class MLP(nn.Module):
         in_features: int = 28 * 28,
         hidden: tuple[int, ...] = (256, 128, 64, 64),
         norm: str = "task_bn",
+        norm_options: dict | None = None,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), make_norm(norm, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), make_norm(norm, h, **(norm_options or {})), nn.ReLU()]
             width = h
         self.features = nn.Sequential(*layers)
         self.embedding_dim = width
@@ -155,16 +161,41 @@ class MLP(nn.Module):
         return self.head(self.embed(x))
 
 
+INIT_SCHEMES = ("xavier", "maml")
+
+
 @torch.no_grad()
-def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Re-draw every weight from ``generator``: Glorot-uniform conv and linear weights (as MAML's code),
-    zero biases, unit norm scales. Deterministic given the generator, and no global RNG is touched."""
+def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavier") -> nn.Module:
+    """Re-draw every weight from ``generator``; zero biases, unit norm scales, zero norm shifts.
+
+    ``xavier``: Glorot-uniform conv and linear weights. ``maml``: cbfinn/maml's initializers, by model:
+    the conv models (``construct_conv_weights``, maml.py:L185-L208) draw conv weights Glorot-uniform
+    (``xavier_initializer_conv2d``, the same fans as PyTorch's for a ``[out, in, k, k]`` kernel) and the
+    output weights from ``tf.random_normal``, standard deviation 1 (maml.py:L206); the MLP
+    (``construct_fc_weights``, maml.py:L168-L177) draws every weight, the output's too, from
+    ``tf.truncated_normal(stddev=0.01)``, a normal cut at two standard deviations. Biases are zero in both
+    (``tf.zeros``). Deterministic given the generator, and no global RNG is touched.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")
+    mlp = isinstance(model, MLP)
+    head = getattr(model, "head", None)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(module.weight, generator=generator)
+            if scheme == "xavier" or (isinstance(module, nn.Conv2d) and not mlp):
+                nn.init.xavier_uniform_(module.weight, generator=generator)
+            elif mlp:
+                nn.init.trunc_normal_(module.weight, std=0.01, a=-0.02, b=0.02, generator=generator)
+            elif module is head:
+                nn.init.normal_(module.weight, std=1.0, generator=generator)
+            else:
+                raise ValueError(f"init scheme 'maml' has no rule for {type(module).__name__} layers of "
+                                 f"{type(model).__name__}")
             if module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, (nn.GroupNorm, TaskBatchNorm)):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+            if module.weight is not None:
+                module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
     return model

@@ -29,11 +29,16 @@ def under_vmap() -> bool:
     return stack is not None and any(level.key() == _functorch.TransformType.Vmap for level in stack)
 
 
+NORM_AFFINES = ("gamma_beta", "beta", "none")
+
+
 class TaskBatchNorm(nn.Module):
     """Batch norm over every dimension but the channel one (dim 1), with a learnable affine.
 
     Statistics come from the current batch (one task's support or query set);
-    there are no running statistics.
+    there are no running statistics. ``affine`` picks the learnable tensors: ``gamma_beta`` (``weight`` and
+    ``bias``, PyTorch's default), ``beta`` (``bias`` only: ``tf.contrib.layers.batch_norm``'s default
+    ``scale=False, center=True``, MAML's) or ``none``.
 
     Two implementations of the same math: under ``vmap`` (and on non-CPU devices) the ``mean``/``var``
     primitives, because the fused kernel's second-order gradients are wrong under vmap (pytorch/functorch#534);
@@ -43,12 +48,15 @@ class TaskBatchNorm(nn.Module):
 
     use_fused_kernel: bool = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: str = "gamma_beta") -> None:
         super().__init__()
+        if affine not in NORM_AFFINES:
+            raise ValueError(f"unknown norm affine {affine!r}; choose one of {NORM_AFFINES}")
         self.num_features = num_features
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.affine = affine
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine == "gamma_beta" else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine != "none" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused_ok = x.device.type == "cpu" and x.numel() > x.shape[1]  # the kernel refuses one value per channel
@@ -59,27 +67,43 @@ class TaskBatchNorm(nn.Module):
         # two-pass variance: the same value as x.var(unbiased=False), about 5x faster on CPU
         var = (centered * centered).mean(dim=dims, keepdim=True)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        x_hat = centered * torch.rsqrt(var + self.eps)
-        return x_hat * self.weight.view(shape) + self.bias.view(shape)
+        out = centered * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        return out if self.bias is None else out + self.bias.view(shape)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
 
 NORM_CHOICES = ("task_bn", "group", "none")
 
 
-def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
-    """Build a norm layer by name: ``task_bn``, ``group`` (GroupNorm) or ``none``."""
+def make_norm(kind: str, channels: int, groups: int = 8, *, eps: float = 1e-5, affine: str = "gamma_beta") -> nn.Module:
+    """Build a norm layer by name: ``task_bn``, ``group`` (GroupNorm) or ``none``. ``eps`` and ``affine``
+    (:data:`NORM_AFFINES`) apply to ``task_bn``; ``group`` takes ``eps`` and only the ``gamma_beta`` affine."""
     if kind == "task_bn":
-        return TaskBatchNorm(channels)
+        return TaskBatchNorm(channels, eps=eps, affine=affine)
     if kind == "group":
         if channels % groups:
             raise ValueError(f"GroupNorm needs channels ({channels}) divisible by groups ({groups})")
-        return nn.GroupNorm(groups, channels)
+        if affine != "gamma_beta":
+            raise ValueError(f"norm affine {affine!r} is only available for task_bn; GroupNorm has gamma and beta")
+        return nn.GroupNorm(groups, channels, eps=eps)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; choose one of {NORM_CHOICES}")
+
+
+def norm_parameters_of(model: nn.Module) -> set[str]:
+    """Names of the parameters of the model's norm layers (TaskBatchNorm, GroupNorm and fused norms)."""
+    kinds = (TaskBatchNorm, nn.GroupNorm, *FUSED_NORM_TYPES)
+    return {
+        f"{path}.{name}" if path else name
+        for path, module in model.named_modules()
+        if isinstance(module, kinds)
+        for name, _ in module.named_parameters(recurse=False)
+    }
 
 
 def find_fused_norms(model: nn.Module) -> list[tuple[str, str]]:

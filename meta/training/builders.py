@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from meta.algorithms import IMAML, MAMLPlusPlus, ProtoNet, Reptile
 from meta.data import ClassPool, TaskSampler, load_mnist, load_omniglot, synthetic_pool
 from meta.learner import MetaLearner
-from meta.models import build_model
-from meta.rules import RULES, InnerRule, build_rule, first_order
+from meta.models import build_model, norm_parameters_of
+from meta.rules import RULES, InnerRule, build_rule, first_order, masked
 
 SPLITS = ("train", "val", "test")
 #: the learner class of each ``algorithm`` (constructed by :func:`build_learner`)
@@ -84,16 +84,7 @@ def build_samplers(cfg: DictConfig, device: torch.device) -> dict[str, TaskSampl
 
 def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> MetaLearner:
     """Model (weights drawn from ``cfg.seed``) and inner rule wrapped in a ``MetaLearner``."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    channels = 1
-    model = build_model(
-        cfg.model.name,
-        cfg.task.ways,
-        norm=cfg.model.norm,
-        in_channels=channels,
-        image_size=cfg.data.image_size,
-        generator=generator,
-    )
+    model = build_model_from_config(cfg, torch.Generator().manual_seed(cfg.seed))
     rule, steps = build_inner_rule(cfg), cfg.inner.steps
     if cfg.algorithm == "maml":
         learner = MetaLearner(model, rule, inner_steps=steps)
@@ -110,9 +101,26 @@ def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> 
     else:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
     learner.inner_batch_size = cfg.inner.batch_size
+    learner.inner_loss_reduction = cfg.inner.loss_reduction
     learner = learner.to(device=device, dtype=dtype)
     learner.set_iteration(0, cfg.train.iterations)  # schedules follow the new dtype and device
     return learner
+
+
+def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) -> torch.nn.Module:
+    """The ``model:`` section's network for ``task.ways`` classes; weights drawn from ``generator`` by
+    ``model.init`` (None: PyTorch's default init, for a skeleton whose parameter names are all that matters)."""
+    return build_model(
+        cfg.model.name,
+        cfg.task.ways,
+        norm=cfg.model.norm,
+        in_channels=1,
+        image_size=cfg.data.image_size,
+        generator=generator,
+        norm_eps=cfg.model.norm_eps,
+        norm_affine=cfg.model.norm_affine,
+        init=cfg.model.init,
+    )
 
 
 def build_optimizer(cfg: DictConfig, learner: MetaLearner) -> torch.optim.Optimizer:
@@ -162,6 +170,10 @@ def build_inner_rule(cfg: DictConfig, test: bool = False) -> InnerRule:
     if "learnable" in inspect.signature(RULES[cfg.inner.rule]).parameters:  # validate() refused it elsewhere
         kwargs["learnable"] = cfg.inner.learnable_lr
     rule = build_rule(cfg.inner.rule, **kwargs)
+    if not cfg.inner.adapt_norm:
+        with torch.device("meta"):  # parameter names only: nothing is allocated or drawn
+            frozen = norm_parameters_of(build_model_from_config(cfg, None))
+        rule = masked(rule, lambda name: name not in frozen, label="frozen_norm")
     return first_order(rule) if cfg.inner.first_order and not rule.first_order else rule
 
 

@@ -60,6 +60,13 @@ class TaskConfig:
 class ModelConfig:
     name: str = "conv4"  # conv4 (strided, MAML) | conv4_maxpool | mlp
     norm: str = "task_bn"  # task_bn | group | none
+    # learnable tensors of task_bn: gamma_beta (scale and shift) | beta (shift only: tf.contrib.layers.batch_norm's
+    # default scale=False, MAML's) | none. group norm: gamma_beta only
+    norm_affine: str = "gamma_beta"
+    norm_eps: float = 1e-5  # epsilon of task_bn and group (tf.contrib.layers.batch_norm, MAML's: 1e-3)
+    # weight init, drawn from the seed's generator: xavier (Glorot-uniform conv and linear weights) | maml
+    # (cbfinn/maml: conv Glorot-uniform and output weights normal with std 1; MLP truncated normal, std 0.01)
+    init: str = "xavier"
 
 
 @dataclass
@@ -74,6 +81,14 @@ class InnerConfig:
     # inner mini-batch (Reptile): each step uses the next batch_size support examples of the (shuffled) support
     # set, cycling; null, or at least the support set's size: all of them
     batch_size: int | None = None
+    # inner (support) loss: mean (of the per-example cross-entropy) | sum_over_shots (their sum divided by the
+    # shots K, cbfinn/maml's xent: N times the mean on the full support set, so an SGD step of lr on it is a step
+    # of N * lr on the mean). The query loss is always the mean. Per-sample rules (clipped_sgd) get each
+    # sample's gradient times the same factor. algorithm maml, mamlpp and reptile
+    loss_reduction: str = "mean"
+    # false: the norm layers' parameters are meta-learned but not adapted in the inner loop (MAML: its batch-norm
+    # variables are not in `weights`); the rule is masked to the other parameters (meta.rules.masked)
+    adapt_norm: bool = True
     # extra keyword arguments of the rule factory (see its docstring), e.g. {clip: 1.0} for clipped_sgd,
     # {lslr: true, per_step_bn: true, steps: 5} for mamlpp, {beta1: 0.0} for adam
     options: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +136,7 @@ class EvalConfig:
     tasks: int = 600
     batch_size: int = 50
     seed: int = 1234  # the test task set is a fixed function of this seed
-    checkpoint: str = "best"  # best (highest validation accuracy) | last
+    checkpoint: str = "best"  # best (highest validation accuracy) | last (the final model; MAML tests its latest)
 
 
 @dataclass
@@ -171,13 +186,16 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.rotation": ("as_class", "per_class", "none"),
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
+    "model.norm_affine": ("gamma_beta", "beta", "none"),
+    "model.init": ("xavier", "maml"),
+    "inner.loss_reduction": ("mean", "sum_over_shots"),
     "eval.checkpoint": ("best", "last"),
 }
 
 POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
             "train.lr_step_every", "train.lr_step_factor",
             "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
-            "data.image_size")
+            "data.image_size", "model.norm_eps")
 
 
 def available_presets() -> list[str]:
@@ -326,6 +344,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"inner.batch_size applies to the inner loops of maml, mamlpp and reptile, not "
                           f"algorithm={cfg.algorithm}")
     _validate_data(cfg.data)
+    if cfg.model.norm_affine != "gamma_beta" and cfg.model.norm != "task_bn":
+        raise ConfigError(f"model.norm_affine={cfg.model.norm_affine} needs model.norm=task_bn (got "
+                          f"{cfg.model.norm}); set model.norm_affine=gamma_beta")
+    if cfg.inner.loss_reduction != "mean" and cfg.algorithm in ("imaml", "protonets"):
+        raise ConfigError(f"inner.loss_reduction={cfg.inner.loss_reduction} applies to the inner loops of maml, "
+                          f"mamlpp and reptile, not algorithm={cfg.algorithm}; set inner.loss_reduction=mean")
+    if (cfg.inner.rule == "mamlpp" and cfg.inner.options.get("per_step_bn", True)
+            and cfg.model.norm_affine != "gamma_beta"):
+        raise ConfigError(f"inner.rule=mamlpp with per-step batch norm finds norm layers by their gamma; "
+                          f"model.norm_affine={cfg.model.norm_affine} has none: set model.norm_affine=gamma_beta")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     from meta.training.builders import LEARNER_CLASSES

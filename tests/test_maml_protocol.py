@@ -1,0 +1,172 @@
+"""cbfinn/maml's protocol knobs: the inner loss summed over shots, its batch norm (beta only, eps 1e-3, not
+inner-adapted) and its weight init, in the model core, the config and the MAML presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import meta
+from meta import rules
+from meta.models import norm_parameters_of, relative_error
+from meta.training.builders import build_inner_rule, build_learner
+from meta.training.config import ConfigError, load_config
+from tests.helpers import random_tasks
+
+TOL = 1e-10
+WAYS, SHOTS = 5, 3
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return random_tasks(tasks=3, ways=WAYS, shots=SHOTS, queries=2, size=8)
+
+
+def learner_for(rule: meta.InnerRule, reduction: str, norm: str = "task_bn", steps: int = 1) -> meta.MetaLearner:
+    model = meta.build_model("mlp", ways=WAYS, norm=norm, image_size=8,
+                             generator=torch.Generator().manual_seed(0)).double()
+    learner = meta.MetaLearner(model, rule, inner_steps=steps)
+    learner.inner_loss_reduction = reduction
+    return learner
+
+
+@pytest.mark.parametrize("driver", ["loop", "vmap"])
+def test_sum_over_shots_first_step_is_a_step_of_ways_times_lr_on_the_mean(tasks, driver):
+    """cbfinn/maml's inner loss sum(CE) / K differentiates to N x the mean's gradient (K = 3 shots here, so a
+    scale of N * K or K would fail)."""
+    lr = 0.1
+    summed = learner_for(meta.sgd(lr=lr), "sum_over_shots").meta_gradient(tasks, driver=driver)
+    mean = learner_for(meta.sgd(lr=WAYS * lr), "mean").meta_gradient(tasks, driver=driver)
+    assert relative_error(summed.adapted, mean.adapted) < TOL
+    assert relative_error(summed.grads, mean.grads) < TOL
+    same_lr = learner_for(meta.sgd(lr=lr), "mean").meta_gradient(tasks, driver=driver)
+    assert relative_error(summed.adapted, same_lr.adapted) > 1e-4  # the knob changes the step
+
+
+def test_sum_over_shots_on_inner_mini_batches_is_the_batch_sum_over_shots(tasks):
+    """With inner mini-batches of b examples the loss is the batch's sum / K: b / K times its mean."""
+    learner = learner_for(meta.sgd(lr=0.1), "sum_over_shots")
+    learner.inner_batch_size = 5  # 15 support examples, K = 3
+    mean = learner_for(meta.sgd(lr=0.1 * 5 / SHOTS), "mean")
+    mean.inner_batch_size = 5
+    assert relative_error(learner.meta_gradient(tasks).adapted, mean.meta_gradient(tasks).adapted) < TOL
+
+
+def test_sum_over_shots_for_per_sample_rules_scales_each_samples_gradient(tasks):
+    """A per-sample rule gets each sample's gradient times the same factor, so that their mean is the gradient
+    of the summed loss: clipped SGD with a bound that never binds is SGD on the sum."""
+    clipped = learner_for(rules.clipped_sgd(lr=0.1, clip=1e12), "sum_over_shots", norm="group")
+    sgd = learner_for(meta.sgd(lr=0.1), "sum_over_shots", norm="group")
+    assert relative_error(clipped.meta_gradient(tasks).adapted, sgd.meta_gradient(tasks).adapted) < TOL
+    # the bound applies to the scaled gradients: one twice the largest per-sample norm never binds on the mean's
+    # gradients but binds on the N = 5 times larger ones
+    rows = meta.per_sample_grads(clipped.model, tasks[0][0], tasks[1][0])
+    clip = 2 * float(torch.sqrt(sum(r.flatten(1).pow(2).sum(1) for r in rows.values())).max())
+    first = lambda result: {k: v[0] for k, v in result.adapted.items()}  # noqa: E731 (the task of `rows`)
+    plain = learner_for(rules.clipped_sgd(lr=0.1, clip=clip), "mean", norm="group").meta_gradient(tasks)
+    mean_sgd = learner_for(meta.sgd(lr=0.1), "mean", norm="group").meta_gradient(tasks)
+    assert relative_error(first(plain), first(mean_sgd)) < TOL
+    scaled = learner_for(rules.clipped_sgd(lr=0.1, clip=clip), "sum_over_shots", norm="group").meta_gradient(tasks)
+    assert relative_error(first(scaled), first(sgd.meta_gradient(tasks))) > 1e-6
+
+
+def test_unknown_reduction_is_refused(tasks):
+    with pytest.raises(ValueError, match="unknown inner loss reduction 'sum'"):
+        learner_for(meta.sgd(), "sum").meta_gradient(tasks)
+
+
+@pytest.mark.parametrize("affine,names", [("gamma_beta", {"weight", "bias"}), ("beta", {"bias"}), ("none", set())])
+def test_task_batch_norm_affine_kinds_and_eps(affine, names):
+    norm = meta.TaskBatchNorm(4, eps=1e-3, affine=affine).double()
+    assert {n for n, _ in norm.named_parameters()} == names
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(0.5)
+    mean, var = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-3)
+    if "weight" in names:
+        expected = expected * norm.weight.view(1, -1, 1, 1)
+    if "bias" in names:
+        expected = expected + norm.bias.view(1, -1, 1, 1)
+    for fused in (True, False):  # the fused CPU kernel and the primitives give the same values
+        norm.use_fused_kernel = fused
+        assert torch.allclose(norm(x), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(torch.vmap(norm)(x.unsqueeze(0)).squeeze(0), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown norm affine"):
+        meta.TaskBatchNorm(4, affine="gamma")
+
+
+def test_norm_knobs_reach_the_model_from_the_config():
+    cfg = load_config(["model.norm_affine=beta", "model.norm_eps=0.001"])
+    model = build_learner(cfg, torch.float32, torch.device("cpu")).model
+    norms = [m for m in model.modules() if isinstance(m, meta.TaskBatchNorm)]
+    assert len(norms) == 4 and all(m.eps == 1e-3 and m.weight is None and m.bias is not None for m in norms)
+    assert norm_parameters_of(model) == {f"features.{i}.norm.bias" for i in range(4)}
+    with pytest.raises(ConfigError, match="model.norm_affine=beta needs model.norm=task_bn"):
+        load_config(["model.norm_affine=beta", "model.norm=group"])
+    with pytest.raises(ConfigError, match="model.norm_eps must be positive"):
+        load_config(["model.norm_eps=0"])
+
+
+@pytest.mark.parametrize("rule", ["sgd", "metasgd"])
+def test_norms_not_inner_adapted_are_meta_learned_only(tasks, rule):
+    """inner.adapt_norm=false masks the rule (meta.rules.masked): norm parameters keep their value through the
+    inner loop, still get a meta-gradient, and the rest matches a hand-masked rule."""
+    cfg = load_config([f"inner.rule={rule}", "inner.adapt_norm=false", "model.name=mlp", "data.image_size=8",
+                       "inner.steps=2", "dtype=float64"])
+    learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+    assert learner.rule.name == f"frozen_norm({rule})"
+    frozen = norm_parameters_of(learner.model)
+    assert frozen == {f"features.{i}.{w}" for i in (2, 5, 8, 11) for w in ("weight", "bias")}
+    result = learner.meta_gradient(tasks, driver="vmap")
+    params = dict(learner.model.named_parameters())
+    for name in frozen:
+        assert torch.equal(result.adapted[name], params[name].detach().expand_as(result.adapted[name]))
+        assert result.grads[name].abs().max() > 1e-8  # meta-learned
+    assert (result.adapted["head.weight"] - params["head.weight"]).abs().max() > 1e-6
+    by_hand = meta.masked(meta.build_rule(rule, lr=cfg.inner.lr), lambda name: name not in frozen)
+    expected = meta.MetaLearner(learner.model, by_hand, inner_steps=2)
+    adapted = meta.MetaLearner(learner.model, meta.build_rule(rule, lr=cfg.inner.lr), inner_steps=2)
+    for other in (expected, adapted):  # the same rates (built in float32, then cast, by build_learner)
+        other.rule_params.load_state_dict(learner.rule_params.state_dict())
+    assert relative_error(result.grads, expected.meta_gradient(tasks, driver="loop").grads) < TOL
+    assert relative_error(adapted.meta_gradient(tasks).grads, result.grads) > 1e-4  # the mask matters
+    # the test-time rule is masked too
+    assert build_inner_rule(cfg, test=True).adapts("features.2.weight") is False
+
+
+def test_maml_init_follows_construct_conv_and_fc_weights():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    conv = meta.build_model("conv4", ways=20, generator=g(), init="maml")
+    xavier = meta.build_model("conv4", ways=20, generator=g(), init="xavier")
+    # conv weights Glorot-uniform as before (same draws), head N(0, 1) instead, every bias zero
+    for i in range(4):
+        assert torch.equal(conv.features[i].conv.weight, xavier.features[i].conv.weight)
+        assert not conv.features[i].conv.bias.any()
+    head = conv.head.weight.detach()
+    assert abs(float(head.std()) - 1.0) < 0.1 and float(head.abs().max()) > 2.0  # xavier's bound is 0.27
+    assert not conv.head.bias.any()
+    mlp = meta.build_model("mlp", ways=5, generator=g(), init="maml")
+    for layer in (*(mlp.features[i] for i in (1, 4, 7, 10)), mlp.head):
+        w = layer.weight.detach()
+        assert float(w.abs().max()) <= 0.02  # tf.truncated_normal cuts at two standard deviations
+        assert 0.007 < float(w.std()) < 0.0095  # std of N(0, 0.01) truncated at 2 sigma: 0.0088
+        assert not layer.bias.any()
+    again = meta.build_model("mlp", ways=5, generator=g(), init="maml")
+    assert all(torch.equal(a, b) for a, b in zip(mlp.parameters(), again.parameters()))
+    cfg = load_config(["model.init=maml"])
+    expected = meta.build_model("conv4", 5, generator=torch.Generator().manual_seed(0), init="maml")
+    assert torch.equal(build_learner(cfg, torch.float32, torch.device("cpu")).model.head.weight, expected.head.weight)
+    with pytest.raises(ConfigError, match="model.init='lecun' is not one of"):
+        load_config(["model.init=lecun"])
+
+
+def test_inner_loss_reduction_key_reaches_the_learner_and_refuses_other_algorithms():
+    cfg = load_config(["inner.loss_reduction=sum_over_shots"])
+    assert build_learner(cfg, torch.float32, torch.device("cpu")).inner_loss_reduction == "sum_over_shots"
+    for algorithm in ("imaml", "protonets"):
+        with pytest.raises(ConfigError, match="inner.loss_reduction=sum_over_shots applies to"):
+            load_config([f"algorithm={algorithm}", "inner.loss_reduction=sum_over_shots"])
+    with pytest.raises(ConfigError, match="inner.loss_reduction='sum' is not one of"):
+        load_config(["inner.loss_reduction=sum"])
