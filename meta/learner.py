@@ -131,7 +131,7 @@ class MetaLearner(nn.Module):
 
     def _check_driver(self, driver: str, second_order: bool) -> None:
         if driver not in self.supported_drivers():
-            raise ValueError(f"{type(self).__name__} does not run on driver {driver!r}; choose one of "
+            raise ValueError(f"unknown driver {driver!r} for {type(self).__name__}; choose one of "
                              f"{sorted(self.supported_drivers())}")
         if driver in VECTORIZED_DRIVERS and second_order and self._fused_norms:
             layers = ", ".join(f"{path} ({kind})" for path, kind in self._fused_norms)

@@ -45,7 +45,7 @@ def test_reptile_and_imaml_run_each_driver_they_accept(algorithm, driver, tasks)
                                                    ("imaml", "vmap_autograd"), ("imaml", "loop_threads")])
 def test_reptile_and_imaml_refuse_drivers_without_a_meaning_for_them(algorithm, driver, tasks):
     learner = MAP_LEARNERS[algorithm]()
-    with pytest.raises(ValueError, match="does not run on driver"):
+    with pytest.raises(ValueError, match=f"unknown driver '{driver}' for"):
         learner.meta_gradient(tasks, driver=driver)
     with pytest.raises(ConfigError, match=f"algorithm={algorithm} does not run on driver={driver}"):
         load_config([f"algorithm={algorithm}", f"driver={driver}"])
