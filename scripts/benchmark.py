@@ -10,7 +10,6 @@ and peak memory by vmap chunk size. Writes results.json, results.md and meta_ste
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import meta
 from meta.benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
 from meta.benchmarks.memory_probe import probe
 from meta.benchmarks.meta_step import CANDIDATE_NAMES, Setting, candidates, ours, paper_grid, random_tasks
-from meta.training.run_log import device_name, git_commit
+from meta.training.run_log import atomic_write_text, device_name, git_commit, to_json
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")
@@ -75,7 +74,7 @@ def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complet
 
     results = {"machine": meta_info, "complete": complete, "meta_step": rows, "per_sample": per_sample_rows,
                "memory": memory}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", to_json(results, indent=2))  # strict JSON: a failed timing is null
 
     tf32_note = f", cuDNN TF32 {'on' if meta_info['cudnn_tf32'] else 'off'}" if device.type == "cuda" else ""
     names = list(dict.fromkeys(n for r in rows for n in r["drivers"]))  # a driver may be missing in some rows
