@@ -253,6 +253,12 @@ def test_paper_presets_match_maml_code():
     assert (mlp.model.name, mlp.task.shots, mlp.reference.accuracy) == ("mlp", 5, 97.5)
 
 
+def test_reptile_and_imaml_presets_test_their_final_model():
+    # their code has no validation split (val = training characters here), and tests the final weights
+    for preset in ("reptile_omniglot_5w1s", "imaml_omniglot_5w1s"):
+        assert load_config([f"preset={preset}"]).eval.checkpoint == "last"
+
+
 def test_reptile_and_protonets_presets_pin_their_training_episodes():
     reptile = load_config(["preset=reptile_omniglot_5w1s"])  # Nichol et al.: 10 train shots, inner batches of 10
     task, inner = reptile.task, reptile.inner
