@@ -319,7 +319,7 @@ def test_missing_zip_error(fake_root: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_omniglot(fake_root / "omniglot", expected_counts=FAKE_COUNTS)
     msg = str(err.value)
-    assert "images_evaluation.zip" in msg and "META_DATA_ROOT" in msg and "download=True" in msg
+    assert "images_evaluation.zip" in msg and "META_DATA_ROOT" in msg and "data.download=true" in msg
     with pytest.raises(DataError, match="not found"):
         load_omniglot(tmp_path / "empty", "train", cache_dir=tmp_path / "cache")
 

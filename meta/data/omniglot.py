@@ -73,8 +73,8 @@ def _where_hint(odir: Path) -> str:
         f"Omniglot files belong in {odir}/images_background.zip and "
         f"{odir}/images_evaluation.zip (or extracted as {odir}/images_background/<Alphabet>/"
         f"characterNN/*.png and likewise images_evaluation/). Point the code at a copy with "
-        f"META_DATA_ROOT or data.root (the folder that contains 'omniglot/'), or pass "
-        f"download=True to fetch the official zips from github.com/brendenlake/omniglot."
+        f"META_DATA_ROOT or data.root=... (the folder that contains 'omniglot/'), or add data.download=true "
+        f"(download=True from Python) to fetch the official zips from github.com/brendenlake/omniglot."
     )
 
 
