@@ -26,7 +26,7 @@ from meta.training.builders import (
     resolve_dtype,
     test_inner_steps,
 )
-from meta.training.config import ConfigError, check_eval_overrides, load_config
+from meta.training.config import EVAL_KEYS, ConfigError, check_eval_overrides, load_config
 from meta.training.run_log import (
     CheckpointError,
     atomic_write_text,
@@ -36,6 +36,10 @@ from meta.training.run_log import (
     to_json,
 )
 
+if {"-h", "--help"} & set(sys.argv[1:]):
+    print(f"{__doc__.strip()}\n\nKeys that apply to a saved run: {', '.join(EVAL_KEYS)} (meanings: "
+          f"python scripts/train_maml.py --help)")
+    sys.exit(0)
 if len(sys.argv) < 2 or "=" in sys.argv[1]:
     sys.exit(__doc__)
 path = Path(sys.argv[1])

@@ -4,7 +4,8 @@
     python scripts/train_maml.py preset=maml_omniglot_5w1s seed=1  # a paper preset
     python scripts/train_maml.py preset=maml_omniglot_20w1s train.iterations=100 driver=loop out_dir=runs/x
 
-Every key of meta/training/config.py can be overridden as key=value; see the README for the list.
+Every key of meta/training/config.py can be overridden as key=value: --help lists them all with their types,
+defaults, allowed values and meanings, and the presets; --show-config prints the resolved config and exits.
 Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json.
 """
 
@@ -34,6 +35,7 @@ from meta.training.builders import (
     resolve_dtype,
     test_inner_steps,
 )
+from meta.training.cli_help import script_help
 from meta.training.config import ConfigError, check_resume_config, load_config
 from meta.training.cuda_graph import GraphedMetaStep
 from meta.training.run_log import (
@@ -56,10 +58,16 @@ from meta.training.run_log import (
 DEFAULT_PRESET = "omniglot_5w1s_quick"
 
 # ---- configuration and the run folder (nothing is written before the data loads) ------------
+if {"-h", "--help"} & set(sys.argv[1:]):  # every key and preset, generated from meta/training/config.py
+    print(script_help(__doc__))
+    sys.exit(0)
 try:
-    cfg = load_config(sys.argv[1:], preset=DEFAULT_PRESET)
+    cfg = load_config([a for a in sys.argv[1:] if a != "--show-config"], preset=DEFAULT_PRESET)
 except ConfigError as error:
     sys.exit(f"config error: {error}")
+if "--show-config" in sys.argv[1:]:  # the resolved config of this command line; nothing runs
+    print(OmegaConf.to_yaml(cfg), end="")
+    sys.exit(0)
 out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")
 ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
 if cfg.resume and cfg.overwrite:

@@ -33,13 +33,13 @@ class DataConfig:
     test_protocol: str | None = None  # null: same as protocol; cross_domain for Omniglot -> MNIST
     root: str | None = None  # null: $META_DATA_ROOT, else ~/.cache/meta/data
     cache_dir: str | None = None  # null: $META_CACHE_DIR, else ~/.cache/meta/cache
-    image_size: int = 28
+    image_size: int = 28  # side of the square input images, in pixels
     resample: str = "maml"  # Omniglot resize: maml (what PIL did to the papers' 1-bit PNGs: nearest) | lanczos
     invert: bool = True  # Omniglot: bright strokes on black (MAML, ProtoNets); false: the PNGs' black on white
     # Omniglot rotation semantics: as_class (each character x angle is a class: Santoro, ProtoNets, Reptile) |
     # per_class (distinct characters, one random angle per class and task: MAML, MAML++, iMAML) | none
     rotation: str = "per_class"
-    rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])
+    rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # rotation angles in degrees (see rotation)
     rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # splits that rotate at all
     download: bool = False  # opt-in download from the official URLs
     synthetic_classes: int = 64  # synthetic data set only
@@ -48,8 +48,8 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    ways: int = 5
-    shots: int = 1
+    ways: int = 5  # N: classes per task (validation and test; training too unless train_ways)
+    shots: int = 1  # K: support examples per class (validation and test; training too unless train_shots)
     queries: int = 1  # per class, training and validation
     test_queries: int | None = None  # per class at test time; null: same as queries
     train_ways: int | None = None  # ways of training episodes (ProtoNets' 60-way training); null: same as ways
@@ -72,10 +72,10 @@ class ModelConfig:
 @dataclass
 class InnerConfig:
     rule: str = "sgd"  # a registered inner rule (meta.rules.RULES)
-    lr: float = 0.4
-    steps: int = 1
-    first_order: bool = False
-    learnable_lr: bool = False
+    lr: float = 0.4  # inner step size
+    steps: int = 1  # inner steps in training
+    first_order: bool = False  # drop second derivatives (first-order MAML)
+    learnable_lr: bool = False  # meta-learn the inner step size (rules with a learnable option: sgd, momentum)
     test_lr: float | None = None  # null: same as lr
     test_steps: int | None = None  # null: same as steps
     # inner mini-batch (Reptile): each step uses the next batch_size support examples of the (shuffled) support
@@ -96,22 +96,22 @@ class InnerConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 60000
-    meta_batch: int = 32
-    meta_lr: float = 1e-3
+    iterations: int = 60000  # outer (meta) iterations
+    meta_batch: int = 32  # tasks per outer step
+    meta_lr: float = 1e-3  # outer learning rate
     optimizer: str = "adam"  # adam | sgd (Reptile: SGD on initial - mean(adapted) is theta += lr * (phi - theta))
     lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), from meta_lr to min_meta_lr
     min_meta_lr: float = 0.0  # end value of the cosine and linear schedules
     lr_step_every: int = 2000  # step schedule (ProtoNets): meta_lr times lr_step_factor every this many iterations
-    lr_step_factor: float = 0.5
+    lr_step_factor: float = 0.5  # step schedule: the factor applied every lr_step_every iterations
     chunk_size: int | None = None  # vmap chunk size (bounds memory); null: all tasks at once
     # CUDA only: replay each meta-step as a captured CUDA graph (meta/training/cuda_graph.py); same steps, less
     # launch overhead. algorithm maml or mamlpp, optimizer adam, any driver but loop_threads
     cuda_graph: bool = False
-    log_every: int = 10
-    val_every: int = 500
-    val_tasks: int = 200
-    checkpoint_every: int = 1000
+    log_every: int = 10  # iterations between metrics.jsonl lines
+    val_every: int = 500  # iterations between validations
+    val_tasks: int = 200  # validation tasks each time
+    checkpoint_every: int = 1000  # iterations between checkpoints
 
 
 @dataclass
@@ -133,8 +133,8 @@ class IMAMLConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: int = 600
-    batch_size: int = 50
+    tasks: int = 600  # test tasks (a fixed set, a function of eval.seed)
+    batch_size: int = 50  # test tasks evaluated per vmapped batch (memory; results do not depend on it)
     seed: int = 1234  # the test task set is a fixed function of this seed
     checkpoint: str = "best"  # best (highest validation accuracy) | last (the final model; MAML tests its latest)
 
@@ -142,17 +142,17 @@ class EvalConfig:
 @dataclass
 class ReferenceConfig:
     accuracy: float | None = None  # the paper's number, in percent
-    ci95: float | None = None
-    source: str | None = None
+    ci95: float | None = None  # the paper's ± (95% interval), in percent
+    source: str | None = None  # where the paper's number comes from
 
 
 @dataclass
 class Config:
-    preset: str | None = None
+    preset: str | None = None  # a preset name from configs/ (see the list above)
     # the learner: maml (MetaLearner with inner.rule: sgd, metasgd, anil, metacurvature, clipped_sgd, ...)
     # | mamlpp | reptile | imaml | protonets (meta/training/builders.py)
     algorithm: str = "maml"
-    seed: int = 0
+    seed: int = 0  # model initialization and the training task stream
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64
     # auto: the fastest exact driver for the setting, timed on the first batch (recorded in checkpoints);
@@ -162,7 +162,7 @@ class Config:
     # continue the run in out_dir with the config saved in its checkpoint; only RESUME_SAFE_KEYS may differ
     resume: bool = False
     overwrite: bool = False  # replace the run already in out_dir (never implied)
-    progress: bool = True
+    progress: bool = True  # show the progress bar (loss, accuracy, it/s)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,0 +1,46 @@
+"""--help and --show-config of the scripts, generated from the structured config."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from meta.training.cli_help import config_keys
+from meta.training.config import CHOICES, EVAL_KEYS, available_presets, load_config
+from tests.test_training import run_cli
+
+
+def test_train_help_lists_every_key_with_its_meaning_and_every_preset():
+    proc = run_cli("train_maml.py", "--help")
+    lines = proc.stdout.splitlines()
+    keys = list(config_keys())
+    assert len(keys) > 60
+    for key, kind, meaning in keys:
+        line = next((ln for ln in lines if ln.startswith(f"  {key} (")), None)
+        assert line is not None, f"--help does not list {key}"
+        assert meaning and line.endswith(f": {meaning}"), f"{key} has no meaning in --help"
+        assert f"({kind}, default " in line
+        if key in CHOICES:
+            assert "{" + ", ".join(map(str, CHOICES[key])) + "}" in line
+    for preset in available_presets():
+        assert any(ln.startswith(f"  {preset}: ") and len(ln) > len(preset) + 10 for ln in lines), preset
+
+
+def test_help_defaults_are_the_resolved_defaults():
+    lines = run_cli("train_maml.py", "--help").stdout.splitlines()
+    default = load_config([])
+    for key in ("inner.lr", "data.rotation", "train.meta_batch", "model.norm_affine"):
+        line = next(ln for ln in lines if ln.startswith(f"  {key} ("))
+        assert f"default {OmegaConf.select(default, key)})" in line
+
+
+def test_show_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
+    args = ["preset=maml_omniglot_5w1s", "inner.lr=0.2", f"out_dir={tmp_path / 'run'}"]
+    proc = run_cli("train_maml.py", "--show-config", *args)
+    shown = OmegaConf.to_container(OmegaConf.create(proc.stdout))
+    assert shown == OmegaConf.to_container(load_config(args))
+    assert shown["inner"]["lr"] == 0.2 and not (tmp_path / "run").exists()
+
+
+def test_evaluate_help_names_the_keys_that_apply_to_a_saved_run():
+    proc = run_cli("evaluate.py", "--help")
+    assert all(key in proc.stdout for key in EVAL_KEYS)
