@@ -174,6 +174,7 @@ def evaluate(split: str, num_tasks: int, seed: int) -> dict:
     return evaluate_learner(
         learner, samplers[split], num_tasks=num_tasks, seed=seed, batch_size=cfg.eval.batch_size,
         inner_steps=test_steps, rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
+        per_task=split == "test",  # results.json keeps each test task's accuracy (paired comparisons)
     )
 
 
@@ -267,7 +268,8 @@ results = {
     "command": " ".join(["python", *sys.argv]),
 }
 atomic_write_text(out_dir / "results.json", to_json(results, indent=2))
-plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})")
+plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})",
+            test={**test, "step": step}, reference=OmegaConf.to_container(cfg.reference))
 ref = cfg.reference
 ci = f" ± {ref.ci95}" if ref.ci95 is not None else ""  # some papers give no interval
 paper = f" | paper: {ref.accuracy}{ci}% ({ref.source})" if ref.accuracy is not None else ""

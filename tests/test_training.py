@@ -58,6 +58,10 @@ def test_cli_smoke_on_synthetic_data(tmp_path):
     results = json.loads((out / "results.json").read_text())
     test = results["test"]
     assert test["tasks"] == 20 and 0 <= test["accuracy"] <= 100 and test["ci95"] >= 0
+    # what makes two runs comparable task by task, and what produced them
+    assert len(test["task_accuracies"]) == 20 and np.mean(test["task_accuracies"]) == pytest.approx(test["accuracy"])
+    assert results["schema_version"] == 2 and results["seed"] == 0
+    assert results["torch"] == torch.__version__ and results["python"].count(".") == 2
     for key in ("config_hash", "git_commit", "device", "train_wall_time_s", "reference", "checkpoint"):
         assert key in results
     records = train_records(out)
@@ -70,7 +74,8 @@ def test_cli_smoke_on_synthetic_data(tmp_path):
     evaluated = run_cli("evaluate.py", str(out / chosen))
     assert "test accuracy" in evaluated.stdout
     again = json.loads((out / f"results_{Path(chosen).stem}.json").read_text())["test"]
-    assert again == pytest.approx(test, rel=1e-12)
+    assert again.pop("task_accuracies") == test["task_accuracies"]  # the same tasks, each scored the same
+    assert again == pytest.approx({k: v for k, v in test.items() if k != "task_accuracies"}, rel=1e-12)
 
     # a second run into the same folder is refused instead of overwriting it
     refused = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}", check=False)

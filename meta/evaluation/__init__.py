@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -33,8 +34,10 @@ def evaluate_learner(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     chunk_size: int | None = None,
-) -> dict[str, float]:
-    """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``."""
+    per_task: bool = False,
+) -> dict[str, Any]:
+    """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``; with ``per_task``,
+    also ``task_accuracies``: each task's accuracy in percent, in the task set's order (for paired comparisons)."""
     losses, accuracies = [], []
     for batch in evaluation_tasks(sampler, num_tasks=num_tasks, seed=seed, batch_size=batch_size):
         batch = batch.to(device)
@@ -42,5 +45,9 @@ def evaluate_learner(
         loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
         losses.append(loss)
         accuracies.append(accuracy)
-    accuracy, ci95 = mean_ci95(torch.cat(accuracies) * 100)
-    return {"accuracy": accuracy, "ci95": ci95, "loss": torch.cat(losses).mean().item(), "tasks": num_tasks}
+    per_task_accuracy = torch.cat(accuracies).double() * 100
+    accuracy, ci95 = mean_ci95(per_task_accuracy)
+    result = {"accuracy": accuracy, "ci95": ci95, "loss": torch.cat(losses).mean().item(), "tasks": num_tasks}
+    if per_task:
+        result["task_accuracies"] = per_task_accuracy.tolist()
+    return result
