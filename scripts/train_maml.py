@@ -6,6 +6,7 @@
 
 Every key of meta/training/config.py can be overridden as key=value: --help lists them all with their types,
 defaults, allowed values and meanings, and the presets; --show-config prints the resolved config and exits.
+A comma list sweeps: seed=0,1,2 runs one run per value into out_dir/seed=0, ... and prints one summary line.
 Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ from meta.training.run_log import (
     save_checkpoint,
     to_json,
 )
+from meta.training.sweep import expand_sweep, summarize_sweep, summary_line, sweep_axes
 
 DEFAULT_PRESET = "omniglot_5w1s_quick"
 
@@ -61,6 +64,26 @@ DEFAULT_PRESET = "omniglot_5w1s_quick"
 if {"-h", "--help"} & set(sys.argv[1:]):  # every key and preset, generated from meta/training/config.py
     print(script_help(__doc__))
     sys.exit(0)
+try:
+    sweep = sweep_axes(sys.argv[1:])  # seed=0,1,2 and other comma lists
+except ValueError as error:
+    sys.exit(f"config error: {error}")
+if sweep:  # one run per combination, each in a sibling folder (a process of this script), then one summary line
+    named = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    runs = expand_sweep(sys.argv[1:], "")
+    try:  # every combination's config is checked before the first run starts
+        configs = [load_config([a for a in args if not a.startswith("out_dir=")], preset=DEFAULT_PRESET)
+                   for _, args in runs]
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    base_out = Path(named.get("out_dir") or f"runs/{configs[0].preset}-sweep")
+    failed = []
+    for name, args in expand_sweep(sys.argv[1:], str(base_out)):
+        print(f"==== sweep run {name} -> {base_out / name}", flush=True)
+        if subprocess.run([sys.executable, __file__, *args]).returncode != 0:
+            failed.append(name)
+    print(summary_line(summarize_sweep(base_out, [name for name, _ in runs])))
+    sys.exit(f"sweep: runs failed: {', '.join(failed)}" if failed else 0)
 try:
     cfg = load_config([a for a in sys.argv[1:] if a != "--show-config"], preset=DEFAULT_PRESET)
 except ConfigError as error:
