@@ -1,7 +1,8 @@
 """Structured configuration (OmegaConf over dataclasses): unknown keys and wrong types fail at once.
 
-Resolution order: the dataclass defaults below, then ``configs/base.yaml``,
-then ``configs/<preset>.yaml``, then command-line ``key=value`` overrides.
+Resolution order: the dataclass defaults below, then ``configs/base.yaml``, then the presets a preset extends
+(``extends: <preset>``, the farthest ancestor first), then ``configs/<preset>.yaml``, then command-line
+``key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -10,13 +11,25 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """The presets' folder: ``configs/`` of the checkout this package was imported from (a source tree or an
+    editable install: edits to configs/ apply at once), else the installed package ``meta.configs`` (a wheel
+    ships configs/ under that name, setup.py's ``package_dir``)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "configs" / "base.yaml").is_file() and (checkout / "setup.cfg").is_file():
+        return checkout / "configs"
+    return Path(str(resources.files("meta.configs")))
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -268,6 +281,39 @@ def check_eval_overrides(overrides: list[str]) -> None:
                           f"checkpoint holds its own config); evaluate.py accepts {', '.join(EVAL_KEYS)}")
 
 
+def _preset_file(name: str, wanted_by: str | None = None) -> Path:
+    """``configs/<name>.yaml``, or a :class:`ConfigError` naming the bad name (``wanted_by``: the preset whose
+    ``extends:`` names it)."""
+    what = f"preset {wanted_by}: extends: {name!r}" if wanted_by else f"preset={name!r}"
+    if not isinstance(name, str) or not _PRESET_NAME.fullmatch(name) or name == "base":
+        raise ConfigError(f"{what} is not a preset name: a preset is the name of a file in configs/ without .yaml, "
+                          f"not a path; available: {', '.join(available_presets())}")
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{what}: unknown preset {name!r}; available: {', '.join(available_presets())}")
+    return path
+
+
+def preset_layers(preset: str) -> list[tuple[str, DictConfig]]:
+    """The files a preset resolves from, the farthest ``extends:`` ancestor first, each without its ``extends``
+    key; merged in this order over ``base.yaml`` they give the preset. Cycles and unknown parents are errors."""
+    chain: list[tuple[str, DictConfig]] = []
+    name: str | None = preset
+    wanted_by = None
+    while name is not None:
+        if name in [seen for seen, _ in chain]:
+            cycle = " -> ".join([*[seen for seen, _ in chain], name])
+            raise ConfigError(f"preset {preset}: extends: makes a cycle ({cycle}); remove one of these extends: lines")
+        try:
+            layer = OmegaConf.load(_preset_file(name, wanted_by))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"preset {name}: {str(error).splitlines()[0]}") from None
+        parent = layer.pop("extends", None) if isinstance(layer, DictConfig) else None
+        chain.append((name, layer))
+        name, wanted_by = parent, name
+    return chain[::-1]
+
+
 def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -297,13 +343,8 @@ def load_config(
     else:
         cfg = _merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
     if preset:
-        if not _PRESET_NAME.fullmatch(preset) or preset == "base":
-            raise ConfigError(f"preset={preset!r} is not a preset name: a preset is the name of a file in configs/ "
-                              f"without .yaml, not a path; available: {', '.join(available_presets())}")
-        path = CONFIG_DIR / f"{preset}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
-        cfg = _merge(cfg, OmegaConf.load(path), f"preset {preset}")
+        for name, layer in preset_layers(preset):
+            cfg = _merge(cfg, layer, f"preset {name}")
         cfg.preset = preset
     try:
         dotlist = OmegaConf.from_dotlist(overrides)

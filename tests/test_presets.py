@@ -1,0 +1,74 @@
+"""Presets that inherit (``extends: <preset>``): the resolved configs are those of the flat files they replaced,
+cycles and unknown parents are one-line errors, and --help still lists every preset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import meta.training.config as config_module
+from meta.training.cli_help import preset_help
+from meta.training.config import CONFIG_DIR, ConfigError, available_presets, flatten, load_config, preset_layers
+
+# every preset's resolved config, flattened, computed at commit a14f838 (before any preset used extends:)
+BEFORE = json.loads((Path(__file__).parent / "fixtures" / "presets_resolved_a14f838.json").read_text())
+
+
+@pytest.mark.parametrize("preset", sorted(BEFORE))
+def test_resolved_presets_are_unchanged_by_inheritance(preset: str) -> None:
+    cfg = flatten(load_config() if preset == "<default>" else load_config(preset=preset))
+    changed = {key: (value, cfg.get(key, "<missing>")) for key, value in BEFORE[preset].items()
+               if cfg.get(key, "<missing>") != value}
+    assert not changed, f"{preset}: resolved values changed (before, now): {changed}"
+
+
+def test_presets_inherit_and_state_only_what_differs() -> None:
+    lines = [line for line in (CONFIG_DIR / "fomaml_omniglot_5w1s.yaml").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(lines) == 3 and lines[0] == "extends: maml_omniglot_5w1s"
+    assert [name for name, _ in preset_layers("fomaml_omniglot_20w5s")] == [
+        "maml_omniglot_5w1s", "maml_omniglot_20w1s", "maml_omniglot_20w5s", "fomaml_omniglot_20w5s"]
+    extending = [p for p in available_presets() if len(preset_layers(p)) > 1]
+    assert len(extending) >= 10
+    cfg = load_config(["preset=fomaml_omniglot_5w1s"])
+    assert "extends" not in cfg and cfg.preset == "fomaml_omniglot_5w1s"  # the saved config is the resolved one
+    assert (cfg.inner.first_order, cfg.inner.lr, cfg.reference.accuracy) == (True, 0.4, 98.3)
+
+
+def test_help_lists_presets_that_extend_with_their_header() -> None:
+    text = preset_help()
+    assert "fomaml_omniglot_5w1s: First-order MAML (FOMAML), Omniglot 5-way 1-shot" in text
+    assert len([line for line in text.splitlines() if line.startswith("  ")]) == len(available_presets())
+
+
+@pytest.fixture
+def preset_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copy(CONFIG_DIR / "base.yaml", tmp_path / "base.yaml")
+    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a": "extends: b\n", "b": "extends: c\n", "c": "extends: a\n"},
+     r"preset a: extends: makes a cycle \(a -> b -> c -> a\)"),
+    ({"a": "extends: a\n"}, r"makes a cycle \(a -> a\)"),
+    ({"a": "extends: nope\nseed: 1\n"}, "preset a: extends: 'nope': unknown preset 'nope'; available: a"),
+    ({"a": "extends: ../configs/base\n"}, "preset a: extends: '../configs/base' is not a preset name"),
+    ({"a": "extends: base\n"}, "preset a: extends: 'base' is not a preset name"),
+])
+def test_bad_extends_are_one_line_errors(preset_dir: Path, files: dict[str, str], message: str) -> None:
+    for name, text in files.items():
+        (preset_dir / f"{name}.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(["preset=a"])
+    assert "\n" not in str(error.value)
+
+
+def test_a_child_overrides_its_parent_and_keeps_the_rest(preset_dir: Path) -> None:
+    (preset_dir / "parent.yaml").write_text("seed: 3\ninner: {lr: 0.1, steps: 2}\n")
+    (preset_dir / "child.yaml").write_text("extends: parent\ninner: {steps: 5}\n")
+    cfg = load_config(["preset=child", "inner.lr=0.2"])
+    assert (cfg.seed, cfg.inner.lr, cfg.inner.steps) == (3, 0.2, 5)
