@@ -1,31 +1,44 @@
-# Two commands do all the set-up on a fresh machine:
-#   make train   create .venv on first use, install, train the default preset
-#   make test    the same install, then the whole test suite
+# Set-up on a fresh machine is one command per use:
+#   make train       create .venv on first use, install the package, download Omniglot if it is missing
+#                    (md5-checked, into $META_DATA_ROOT or ~/.cache/meta/data), train the default preset
+#   make test        the same install plus the test tools and learn2learn, then the whole test suite
+#   make test-fast   the same, without the tests marked slow (CLI end to end, benchmarks, real data, faults)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install train test lint benchmark clean
+.PHONY: install install-dev train test test-fast lint benchmark clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml scripts/install_learn2learn.sh
+# the package and its dependencies: all that training and evaluation need
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# the test and benchmark tools, and learn2learn (the reference loop implementation) built from source
+$(VENV)/.installed-dev: $(VENV)/.installed scripts/install_learn2learn.sh
 	$(PY) -m pip install --quiet -e ".[dev]"
 	bash scripts/install_learn2learn.sh $(PY)
 	touch $@
 
 install: $(VENV)/.installed
 
-train: install
-	$(PY) scripts/train_maml.py $(ARGS)
+install-dev: $(VENV)/.installed-dev
 
-test: install
+train: install
+	$(PY) scripts/train_maml.py data.download=true $(ARGS)
+
+test: install-dev
 	$(PY) -m pytest $(ARGS)
 
-lint: install
-	$(VENV)/bin/ruff check meta scripts tests experiments
+test-fast: install-dev
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
-benchmark: install
+lint: install-dev
+	$(VENV)/bin/ruff check meta scripts tests experiments benchmarks
+
+benchmark: install-dev
 	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import meta
-from meta.benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
-from meta.benchmarks.memory_probe import probe
-from meta.benchmarks.meta_step import CANDIDATE_NAMES, Setting, candidates, ours, paper_grid, random_tasks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is beside meta/, not installed with it
+
+import meta  # noqa: E402
+from benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
+from benchmarks.memory_probe import probe
+from benchmarks.meta_step import CANDIDATE_NAMES, Setting, candidates, ours, paper_grid, random_tasks
 from meta.training.run_log import atomic_write_text, device_name, git_commit, to_json
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +106,7 @@ def write_outputs(rows: list[dict], per_sample_rows: dict, memory: dict, complet
     lines += ["", f"## Peak memory of one meta-step ({memory['setting']})", "",
               ("CUDA allocator peak during one meta-step minus the allocation before it (after a warm-up step)."
                if device.type == "cuda" else
-               "Each row from a fresh process (`meta/benchmarks/memory_probe.py`): peak resident set during one "
+               "Each row from a fresh process (`benchmarks/memory_probe.py`): peak resident set during one "
                "meta-step minus the resident set before it."), "",
               "| driver | chunk size | peak MB | ms |", "|---|---|---|---|"]
     lines += [f"| {m['driver']} | {m['chunk_size'] or '-'} | {m['peak_mb']:.0f} | {m['ms']:.0f} |"

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from meta.package_files import checkout_root, shipped_path
 from meta.training.config import load_config
 from meta.training.run_log import atomic_write_text
 from meta.training.tables import (
@@ -38,8 +39,8 @@ from meta.training.tables import (
     select_cells,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "scripts" / "train_maml.py"
+REPO = checkout_root()  # None for an installed wheel: it ships the table specs and this script's neighbours
+TRAIN = Path(__file__).resolve().with_name("train_maml.py")
 
 # ---- arguments --------------------------------------------------------------------------------
 overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]  # key=value for every run
@@ -54,7 +55,7 @@ parser.add_argument("--out", help="output folder (default runs/tables/<table>)")
 args = parser.parse_args([a for a in sys.argv[1:] if a not in overrides])
 if args.seeds < 1 or any(v is not None and v <= 0 for v in (args.iterations, args.minutes)):
     sys.exit("argument error: --seeds, --iterations and --minutes must be positive")
-tables = REPO / "experiments" / "tables"
+tables = shipped_path("experiments/tables")
 table_path = Path(args.table) if args.table.endswith(".yaml") else tables / f"{args.table}.yaml"
 try:
     spec = load_table(table_path)
@@ -62,9 +63,11 @@ try:
     check_cells(spec, cells, overrides)  # presets exist and pin the table's knobs; overrides are valid keys
 except TableError as error:
     sys.exit(f"table error: {error}")
-out = Path(args.out or f"runs/tables/{spec.name}")
+out = Path(args.out or f"runs/tables/{spec.name}").resolve()
 out.mkdir(parents=True, exist_ok=True)
-env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+env = dict(os.environ)
+if REPO is not None:  # the runs import this checkout's meta
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 command = " ".join(["python scripts/reproduce.py", *sys.argv[1:]])
 print(f"table {spec.name}: {spec.title} | {len(cells)} cells x {args.seeds} seeds | writing to {out.resolve()}")
 

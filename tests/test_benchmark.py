@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meta.benchmarks.meta_step import CANDIDATE_NAMES
+from benchmarks.meta_step import CANDIDATE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 

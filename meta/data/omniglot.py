@@ -28,7 +28,7 @@ from einops import rearrange
 from PIL import Image
 
 from meta.data.cache import cache_key, load_or_build, source_fingerprint
-from meta.data.download import download_file
+from meta.data.download import ChecksumError, download_file
 from meta.data.errors import DataError
 from meta.data.paths import resolve_cache_dir, resolve_data_root
 from meta.data.pool import ClassPool
@@ -66,6 +66,15 @@ class OmniglotCounts:
 
 
 OFFICIAL_COUNTS = OmniglotCounts()
+
+
+def _offline_hint(odir: Path) -> str:
+    return (
+        f"Without network: copy images_background.zip and images_evaluation.zip (from "
+        f"https://github.com/brendenlake/omniglot/tree/master/python, md5 {URLS['background'][1]} and "
+        f"{URLS['evaluation'][1]}) into {odir}/, or point data.root=... (or META_DATA_ROOT) at a folder whose "
+        f"omniglot/ holds them."
+    )
 
 
 def _where_hint(odir: Path) -> str:
@@ -178,9 +187,13 @@ def _sources(odir: Path, download: bool) -> dict[str, _Source]:
             url, md5 = URLS[key]
             try:
                 download_file(url, odir / f"{SETS[key]}.zip", md5)
+            except ChecksumError as err:
+                raise DataError(f"{err}: the download is damaged or the file changed upstream; retry, or fetch "
+                                f"it yourself. " + _offline_hint(odir)) from None
             except OSError as err:
-                raise DataError(f"download of {url} into {odir} failed ({err}); is the data "
-                                f"root writable? " + _where_hint(odir)) from err
+                reason = getattr(err, "reason", None) or err
+                raise DataError(f"could not download {url} into {odir} ({reason}): no network, or the folder is "
+                                f"not writable. " + _offline_hint(odir)) from None
             out[key] = _Source(odir, key)
     return out
 

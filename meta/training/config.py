@@ -11,25 +11,16 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from meta.package_files import shipped_path
 
-def _config_dir() -> Path:
-    """The presets' folder: ``configs/`` of the checkout this package was imported from (a source tree or an
-    editable install: edits to configs/ apply at once), else the installed package ``meta.configs`` (a wheel
-    ships configs/ under that name, setup.py's ``package_dir``)."""
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "configs" / "base.yaml").is_file() and (checkout / "setup.cfg").is_file():
-        return checkout / "configs"
-    return Path(str(resources.files("meta.configs")))
-
-
-CONFIG_DIR = _config_dir()
+#: the presets: configs/ of the checkout, or the copy a wheel ships (meta.package_files)
+CONFIG_DIR = shipped_path("configs")
 
 
 class ConfigError(ValueError):

@@ -17,9 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meta.data.cache import atomic_torch_save, atomic_write
+from meta.package_files import checkout_root
 from meta.training.config import config_hash
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class CheckpointError(ValueError):
@@ -193,13 +192,17 @@ def run_metadata(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 
 
 def git_commit() -> str:
-    """The current commit of the repository, with ``-dirty`` if it has uncommitted changes."""
+    """The current commit of the repository, with ``-dirty`` if it has uncommitted changes (``unknown`` for an
+    installed wheel, which has none)."""
+    repo = checkout_root()
+    if repo is None:
+        return "unknown"
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -1,14 +1,17 @@
 """CPU speed probes for issue 6 that did not make it into the library: measured, kept for the record.
 
     python experiments/benchmarks/cpu/probes/probes.py compile       # torch.compile of the per-task meta-gradient
-    python experiments/benchmarks/cpu/probes/probes.py fused_norm    # task BN as one autograd.Function
-    python experiments/benchmarks/cpu/probes/probes.py layer1_unfold # the 1-channel first conv as unfold + matmul
     python experiments/benchmarks/cpu/probes/probes.py conv_backward # stride-2 convolution backward, NCHW vs NHWC
     python experiments/benchmarks/cpu/probes/probes.py thread_scaling # what a second core gives each strategy
     python experiments/benchmarks/cpu/probes/probes.py shared_first_step # first inner step of all tasks as one batch
     python experiments/benchmarks/cpu/probes/probes.py kernel_floor  # time in the convolution kernels alone
 
 Each prints medians of interleaved repeats (the first round is a warm-up) and the agreement of the gradients.
+Every probe goes through public API only (``MetaLearner.meta_gradient``, ``meta.models.functional_forward``, the
+benchmark candidates in benchmarks/meta_step.py). Three measurements that replaced library methods at run time
+were retired (their results stay in README.md; their code is in git history, commit a14f838): ``fused_norm``
+(swapped ``TaskBatchNorm.forward``), ``layer1_unfold`` (reassigned a convolution's ``impl`` after construction)
+and ``conv_backward``'s whole-model channels-last timing (swapped ``TaskConv2d.forward``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,9 @@ from einops import rearrange
 from torch.func import functional_call, grad, vmap
 
 import meta
-from meta.benchmarks.meta_step import Setting, learn2learn_maml, ours, random_tasks
-from meta.drivers import DRIVERS
-from meta.models import norms, relative_error
-from meta.models.functional import detached
-from meta.models.networks import Conv4, TaskConv2d, initialize
+from benchmarks.meta_step import Setting, learn2learn_maml, ours, random_tasks
+from meta.models import relative_error
+from meta.models.networks import Conv4, initialize
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 6) -> dict[str, float]:
@@ -115,80 +116,6 @@ def probe_compile() -> None:
         "compiled vmap": lambda: batched(params, *batch)}))
 
 
-# ---- task batch norm as one autograd.Function -----------------------------------------------------
-class _Normalize(torch.autograd.Function):
-    """x -> (x_hat, rstd) per channel, with a backward made of differentiable ops (so second order is exact)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, eps, dims):
-        centered = x - x.mean(dim=dims, keepdim=True)
-        rstd = torch.rsqrt((centered * centered).mean(dim=dims, keepdim=True) + eps)
-        return centered * rstd, rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.dims = inputs[2]
-        ctx.save_for_backward(*output)
-
-    @staticmethod
-    def backward(ctx, g_xhat, g_rstd):
-        x_hat, rstd = ctx.saved_tensors
-        proj = (g_xhat * x_hat).mean(dim=ctx.dims, keepdim=True)
-        if g_rstd is not None:  # d rstd / dx = -rstd^2 x_hat / M, M elements per channel
-            proj = proj + g_rstd * rstd * (x_hat.shape[1] / x_hat.numel())
-        return (g_xhat - g_xhat.mean(dim=ctx.dims, keepdim=True) - x_hat * proj) * rstd, None, None
-
-
-def fused_forward(self, x):
-    x_hat, _ = _Normalize.apply(x, self.eps, (0, *range(2, x.dim())))
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    return x_hat * self.weight.view(shape) + self.bias.view(shape)
-
-
-def probe_fused_norm() -> None:
-    primitives = norms.TaskBatchNorm.forward
-    exact = setup(5, 2, 3, 2)[3]
-    tasks = tuple(t.double() if t.is_floating_point() else t for t in setup(5, 2, 3, 2)[1])
-    exact.double()
-    state = exact._detached_state()
-    reference = DRIVERS["loop"](exact.task_fn(), *state, tasks)
-    norms.TaskBatchNorm.forward = fused_forward
-    for driver in ("vmap", "loop", "vmap_autograd", "loop_autograd"):
-        out = DRIVERS[driver](exact.task_fn(), *state, tasks)
-        print(f"fused norm, {driver}, float64, 2 second-order steps: relative error "
-              f"{relative_error(out.grads, reference.grads):.1e}")
-    for ways, shots, tasks_, steps, driver in ((5, 1, 32, 1, "vmap_autograd"), (5, 1, 32, 1, "vmap"),
-                                               (5, 5, 32, 1, "loop_threads"), (20, 1, 16, 5, "loop_threads"),
-                                               (20, 5, 16, 1, "loop_threads")):
-        s, batch, _, learner = setup(ways, shots, tasks_, steps)
-        state, fn = learner._detached_state(), learner.task_fn()
-
-        def run(forward, driver=driver, fn=fn, state=state, batch=batch):
-            norms.TaskBatchNorm.forward = forward
-            DRIVERS[driver](fn, *state, batch)
-
-        ms = interleaved({"primitives": lambda: run(primitives), "fused": lambda: run(fused_forward)})
-        print(f"{s.name} {driver}: {ms} -> {ms['primitives'] / ms['fused']:.2f}x")
-    norms.TaskBatchNorm.forward = primitives
-
-
-# ---- the first convolution (1 input channel) as unfold + matmul -----------------------------------
-def probe_layer1_unfold() -> None:
-    for tasks_, driver in ((32, "loop_threads"), (32, "vmap_autograd")):
-        s, batch, model, learner = setup(5, 5, tasks_, 1)
-        first = next(m for m in model.modules() if isinstance(m, TaskConv2d))
-        state, fn = learner._detached_state(), learner.task_fn()
-
-        def run(impl, driver=driver, fn=fn, state=state, batch=batch, first=first):
-            first.impl = impl
-            return DRIVERS[driver](fn, *state, batch)
-
-        print(f"{s.name} {driver}, layer 1 native vs unfold:",
-              interleaved({"native": lambda: run("native"), "unfold": lambda: run("unfold")}))
-
-
 # ---- the stride-2 convolution's backward, and channels-last ----------------------------------------
 def probe_conv_backward() -> None:
     """One thread, Conv4's second layer (64 -> 64 channels, 14x14 -> 7x7, stride 2) for one 5w5s task set (25
@@ -219,22 +146,6 @@ def probe_conv_backward() -> None:
             row[f"stride {stride}"] = {k: f"{v:.2f} ms ({flop / v / 1e6:.0f} GFLOP/s)" for k, v in ms.items()}
         print(f"{batch} images:", row)
     torch.set_num_threads(threads)
-
-    s, batch_, model, learner = setup(5, 5, 32, 1)
-    state, fn = learner._detached_state(), learner.task_fn()
-    native = TaskConv2d.forward
-
-    def channels_last_forward(self, x):
-        return F.conv2d(x.contiguous(memory_format=channels_last), self.weight.contiguous(memory_format=channels_last),
-                        self.bias, self.stride, self.padding)
-
-    def run(forward):
-        TaskConv2d.forward = forward
-        DRIVERS["loop_threads"](fn, *state, batch_)
-
-    print(f"{s.name} loop_threads, whole model:",
-          interleaved({"NCHW": lambda: run(native), "channels-last convolutions": lambda: run(channels_last_forward)}))
-    TaskConv2d.forward = native
 
 
 # ---- what the second core gives ------------------------------------------------------------------
@@ -302,8 +213,8 @@ def probe_shared_first_step() -> None:
         batch = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
         model = initialize(Conv4(ways), torch.Generator().manual_seed(1))
         learner = meta.MetaLearner(model, meta.sgd(lr=s.lr), inner_steps=1)
-        state, fn = learner._detached_state(), learner.task_fn()
-        params, _, buffers = state
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = {k: v.detach() for k, v in model.named_buffers()}
         forward = meta.models.functional_forward(model)
         sx, sy, qx, qy = batch
 
@@ -321,16 +232,15 @@ def probe_shared_first_step() -> None:
                                             qy[i]) for i in range(len(qx)))
                 return dict(zip(leaves, torch.autograd.grad(total / len(qx), list(leaves.values()))))
 
-        reference = DRIVERS["loop"](fn, *state, batch).grads
+        reference = learner.meta_gradient(batch, driver="loop").grads
         errors = {name: relative_error(fused(first_grads), reference)
                   for name, first_grads in (("explicit", shared_first_grads), ("vmap(grad)", vmapped_first_grads))}
-        errors["library vmap driver"] = relative_error(DRIVERS["vmap"](fn, *state, batch).grads, reference)
+        errors["library vmap driver"] = relative_error(learner.meta_gradient(batch, driver="vmap").grads, reference)
         print(f"{s.name}, float32, relative to the loop driver (float32 rounding of this setting):",
               {k: f"{v:.1e}" for k, v in errors.items()})
         ms = interleaved({
-            "loop_autograd": lambda fn=fn, state=state, batch=batch: DRIVERS["loop_autograd"](fn, *state, batch),
-            "loop_threads": lambda fn=fn, state=state, batch=batch: DRIVERS["loop_threads"](fn, *state, batch),
-            "vmap_autograd": lambda fn=fn, state=state, batch=batch: DRIVERS["vmap_autograd"](fn, *state, batch),
+            **{driver: lambda learner=learner, batch=batch, driver=driver: learner.meta_gradient(batch, driver=driver)
+               for driver in ("loop_autograd", "loop_threads", "vmap_autograd")},
             "fused first step (explicit) + query loop": lambda fused=fused: fused(shared_first_grads),
             "fused first step (vmap(grad)) + query loop": lambda f=fused, g=vmapped_first_grads: f(g),
         }, rounds=4)
@@ -352,7 +262,8 @@ def probe_shared_first_step() -> None:
              for k, g in looped.items()}
         hvp = [dict(zip(params, torch.autograd.grad(list(g.values()), list(params.values()), [v[k] for k in g])))
                for g in (explicit, looped)]
-    print("8 tasks, float64: per-task gradients", f"{relative_error(detached(explicit), detached(looped)):.1e},",
+    explicit, looped = ({k: v.detach() for k, v in g.items()} for g in (explicit, looped))
+    print("8 tasks, float64: per-task gradients", f"{relative_error(explicit, looped):.1e},",
           f"their vector-Jacobian product {relative_error(*hvp):.1e} relative to a per-task loop")
     s = Setting(5, 5, 5, 32, 1, False)
     sx, sy, _, _ = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
@@ -406,6 +317,5 @@ def probe_kernel_floor() -> None:
 
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    {"compile": probe_compile, "fused_norm": probe_fused_norm, "layer1_unfold": probe_layer1_unfold,
-     "conv_backward": probe_conv_backward, "thread_scaling": probe_thread_scaling,
+    {"compile": probe_compile, "conv_backward": probe_conv_backward, "thread_scaling": probe_thread_scaling,
      "shared_first_step": probe_shared_first_step, "kernel_floor": probe_kernel_floor}[sys.argv[1]]()

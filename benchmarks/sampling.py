@@ -1,4 +1,4 @@
-"""Task-sampling throughput: ``python -m meta.data.benchmark_sampling [--device cuda]``.
+"""Task-sampling throughput: ``python -m benchmarks.sampling [--device cuda]``.
 
 Uses a synthetic pool shaped like Omniglot training with rotations as classes (4,800 classes x 20 drawings,
 28x28) unless ``--omniglot`` is given (then the real training split is loaded).

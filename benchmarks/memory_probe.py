@@ -5,7 +5,7 @@ long benchmark says little. This probe runs in its own process with ``MALLOC_MMA
 large buffers are returned to the system when freed and the resident set follows live memory; it reports
 the peak resident set during one meta-step (after a warm-up step) minus the resident set before it.
 
-    python -m meta.benchmarks.memory_probe --ways 20 --shots 5 --queries 5 --tasks 16 --steps 5 --driver vmap \\
+    python -m benchmarks.memory_probe --ways 20 --shots 5 --queries 5 --tasks 16 --steps 5 --driver vmap \\
         --chunk-size 4
 """
 
@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,23 +33,26 @@ def probe(ways: int, shots: int, queries: int, tasks: int, steps: int, first_ord
         result = measure(ways, shots, queries, tasks, steps, first_order, driver, conv, chunk_size, device)
         torch.cuda.empty_cache()
         return result
-    args = [sys.executable, "-m", "meta.benchmarks.memory_probe", "--ways", str(ways), "--shots", str(shots),
+    args = [sys.executable, "-m", "benchmarks.memory_probe", "--ways", str(ways), "--shots", str(shots),
             "--queries", str(queries), "--tasks", str(tasks), "--steps", str(steps), "--driver", driver,
             "--conv", conv, "--device", device]
     if first_order:
         args.append("--first-order")
     if chunk_size:
         args += ["--chunk-size", str(chunk_size)]
-    proc = subprocess.run(args, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True, check=True)
+    root = str(Path(__file__).resolve().parents[1])  # benchmarks/ is importable from the repository root
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": path}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(ways: int, shots: int, queries: int, tasks: int, steps: int, first_order: bool, driver: str,
             conv: str = "native", chunk_size: int | None = None, device: str = "cpu") -> dict:
     """Peak memory above the starting point, and time, of one meta-step after a warm-up step."""
+    from benchmarks.measure import PeakMemory, timed
+    from benchmarks.meta_step import Setting, functorch_example, learn2learn_maml, ours, random_tasks
     from meta import build_model
-    from meta.benchmarks.measure import PeakMemory, timed
-    from meta.benchmarks.meta_step import Setting, functorch_example, learn2learn_maml, ours, random_tasks
 
     device = torch.device(device)
     s = Setting(ways, shots, queries, tasks, steps, first_order)
