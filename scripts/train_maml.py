@@ -134,6 +134,10 @@ try:
 except ValueError as error:  # an inner.test_lr that would change nothing
     sys.exit(f"config error: {error}")
 try:
+    metrics = MetricsLog(out_dir / "metrics.jsonl", tensorboard=cfg.log.tensorboard)  # writes nothing yet
+except ConfigError as error:  # log.tensorboard=true without the tensorboard package
+    sys.exit(f"config error: {error}")
+try:
     out_dir.mkdir(parents=True, exist_ok=True)
 except OSError as error:
     sys.exit(f"config error: cannot create out_dir {out_dir} ({error.strerror}); choose another out_dir")
@@ -147,7 +151,6 @@ print(f"writing to {out_dir.resolve()}")
 test_steps = test_inner_steps(cfg)
 optimizer = build_optimizer(cfg, learner)
 generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks
-metrics = MetricsLog(out_dir / "metrics.jsonl")
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
 train_seconds = 0.0
 
@@ -249,7 +252,7 @@ while step < cfg.train.iterations and not stop_requested:
         record = {"step": step, "split": "train", "loss": float(window["loss"]) / window["count"],
                   "accuracy": float(window["accuracy"]) / window["count"],
                   "its_per_s": window["count"] / max(now - tick, 1e-9)}
-        metrics.append(record)
+        metrics.append(record, learning_rate=float(optimizer.param_groups[0]["lr"]))
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}%")
         window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
         tick = time.perf_counter()
@@ -291,6 +294,7 @@ results = {
     "command": " ".join(["python", *sys.argv]),
 }
 atomic_write_text(out_dir / "results.json", to_json(results, indent=2))
+metrics.close()
 plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})",
             test={**test, "step": step}, reference=OmegaConf.to_container(cfg.reference))
 ref = cfg.reference

@@ -144,6 +144,13 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    # also write metrics.jsonl's scalars and the meta learning rate as TensorBoard events to out_dir/tensorboard
+    # (torch.utils.tensorboard; needs the optional tensorboard package: pip install tensorboard)
+    tensorboard: bool = False
+
+
+@dataclass
 class ReferenceConfig:
     accuracy: float | None = None  # the paper's number, in percent
     ci95: float | None = None  # the paper's ± (95% interval), in percent
@@ -175,6 +182,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mamlpp: MAMLPlusPlusConfig = field(default_factory=MAMLPlusPlusConfig)
     imaml: IMAMLConfig = field(default_factory=IMAMLConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
@@ -213,7 +221,7 @@ def available_presets() -> list[str]:
 RESUME_SAFE_KEYS = (
     "out_dir", "resume", "overwrite", "progress", "device", "data.root", "data.cache_dir", "data.download",
     "train.iterations", "train.log_every", "train.val_every", "train.checkpoint_every",
-    "eval.tasks", "eval.batch_size", "eval.checkpoint",
+    "eval.tasks", "eval.batch_size", "eval.checkpoint", "log.tensorboard",
 )
 #: Keys scripts/evaluate.py can apply to a saved run: where data and outputs are, the device, the test tasks and
 #: test-time adaptation. Everything else defines how the run was trained and cannot change afterwards.
@@ -447,7 +455,7 @@ def _validate_data(data: DictConfig) -> None:
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of the settings that define a run (everything but paths and run control)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("out_dir", "resume", "overwrite", "progress", "device"):
+    for key in ("out_dir", "resume", "overwrite", "progress", "device", "log"):
         data.pop(key, None)
     data["data"].pop("root", None)
     data["data"].pop("cache_dir", None)

@@ -8,6 +8,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from meta.data.cache import atomic_torch_save, atomic_write
 from meta.package_files import checkout_root
-from meta.training.config import config_hash
+from meta.training.config import ConfigError, config_hash
 
 
 class CheckpointError(ValueError):
@@ -41,16 +42,56 @@ def to_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
 
 
+#: where ``log.tensorboard=true`` writes its event files, inside the run folder
+TENSORBOARD_DIR = "tensorboard"
+
+
 class MetricsLog:
-    """Append-only ``metrics.jsonl``: one JSON object per logged step."""
+    """Append-only ``metrics.jsonl``: one JSON object per logged step.
 
-    def __init__(self, path: Path) -> None:
+    With ``tensorboard=True`` every record's numbers also go to TensorBoard (``<split>/<name>`` at the record's
+    step, in ``TENSORBOARD_DIR`` beside the log), and so does ``learning_rate`` when :meth:`append` is given one.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
+        self.tensorboard = tensorboard
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        if tensorboard:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard (or "
+                                  "pip install 'meta-vmap[tensorboard]'), or leave log.tensorboard=false") from None
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write one record and flush it to disk."""
+    def append(self, record: dict[str, Any], learning_rate: float | None = None) -> None:
+        """Write one record and flush it to disk (and to TensorBoard, with the learning rate, when enabled)."""
         with self.path.open("a") as f:
             f.write(to_json(record) + "\n")
+        if self.tensorboard:
+            scalars = {name: value for name, value in record.items() if name not in ("step", "split")
+                       and isinstance(value, int | float) and not isinstance(value, bool)}
+            if learning_rate is not None:
+                scalars["learning_rate"] = float(learning_rate)
+            writer = self._tensorboard_writer()
+            for name, value in scalars.items():
+                writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard_writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run drops the events logged after its checkpoint, as truncate_after drops the records
+            self._writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR), purge_step=self._purge_step)
+        return self._writer
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if one was opened."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def read(self) -> list[dict[str, Any]]:
         """All complete records so far (a half-written last line, left by a kill, is not one)."""
@@ -72,6 +113,7 @@ class MetricsLog:
         """Keep the complete records up to ``step`` (later ones were written after the checkpoint a run resumes
         from; a half-written last line is dropped)."""
         kept = [r for r in self.read() if r["step"] <= step]
+        self._purge_step = step + 1
         atomic_write_text(self.path, "".join(to_json(r) + "\n" for r in kept))
 
 
@@ -266,6 +308,9 @@ def remove_run_files(out_dir: Path) -> list[str]:
         for path in sorted(out_dir.glob(pattern)):
             path.unlink()
             removed.append(path.name)
+    if (out_dir / TENSORBOARD_DIR).is_dir():  # log.tensorboard=true's event files
+        shutil.rmtree(out_dir / TENSORBOARD_DIR)
+        removed.append(TENSORBOARD_DIR + "/")
     return removed
 
 
