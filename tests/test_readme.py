@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import has_omniglot
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.skipif(not has_omniglot(), reason="Omniglot is not under the data root (set META_DATA_ROOT)")
@@ -22,3 +23,39 @@ def test_readme_api_example_runs(capsys):
     assert result.loss.shape == (32,) and result.accuracy.shape == (32,)
     assert set(result.grads) == set(dict(namespace["model"].named_parameters()))
     assert "tensor" in capsys.readouterr().out
+
+
+def test_readme_first_experiment_runs(tmp_path, monkeypatch):
+    """The "Write your first experiment" code as printed, on synthetic data for 3 iterations and 10 test tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    text = README.read_text()
+    code = re.search(r"## Write your first experiment\n.*?```python\n(.*?)```", text, re.S).group(1)
+    replacements = {'"preset=maml_omniglot_5w1s",': '"preset=maml_omniglot_5w1s", "data.dataset=synthetic",',
+                    "range(300)": "range(3)", "num_tasks=100": "num_tasks=10", "batch_size=50": "batch_size=5"}
+    for old, new in replacements.items():
+        assert code.count(old) == 1, f"the README example no longer has {old!r}"
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    cfg, losses, test = namespace["cfg"], namespace["losses"], namespace["test"]
+    assert (cfg.preset, cfg.inner.steps, cfg.train.meta_batch, cfg.inner.loss_reduction) == (
+        "maml_omniglot_5w1s", 2, 8, "sum_over_shots")  # the preset, with the two knobs changed
+    assert len(losses) == 3 and all(loss > 0 for loss in losses) and 0 <= test["accuracy"] <= 100
+    assert (tmp_path / "first_experiment.png").read_bytes()[:4] == b"\x89PNG"
+    # the inheritance example is a preset that loads
+    preset = re.search(r"```yaml\n(# My variant.*?)```", text, re.S).group(1)
+    (tmp_path / "configs").mkdir()
+    import meta.training.config as config_module
+
+    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path / "configs")
+    for name in ("base", "maml_omniglot_5w1s"):
+        (tmp_path / "configs" / f"{name}.yaml").write_text((REPO_CONFIGS / f"{name}.yaml").read_text())
+    (tmp_path / "configs" / "my_variant.yaml").write_text(preset)
+    mine = config_module.load_config(["preset=my_variant"])
+    assert mine.inner.steps == 2 and mine.inner.lr == 0.4 and mine.model.init == "maml"
