@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.meta_step import CANDIDATE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # benchmark runs in subprocesses (make test-fast leaves them out)
 
 
 def test_benchmark_quick_writes_its_files(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from omegaconf import OmegaConf
 
 from meta.training.cli_help import config_keys
@@ -9,6 +10,7 @@ from meta.training.config import CHOICES, EVAL_KEYS, available_presets, load_con
 from tests.test_training import run_cli
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_train_help_lists_every_key_with_its_meaning_and_every_preset():
     proc = run_cli("train_maml.py", "--help")
     lines = proc.stdout.splitlines()
@@ -25,6 +27,7 @@ def test_train_help_lists_every_key_with_its_meaning_and_every_preset():
         assert any(ln.startswith(f"  {preset}: ") and len(ln) > len(preset) + 10 for ln in lines), preset
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_help_defaults_are_the_resolved_defaults():
     lines = run_cli("train_maml.py", "--help").stdout.splitlines()
     default = load_config([])
@@ -33,6 +36,7 @@ def test_help_defaults_are_the_resolved_defaults():
         assert f"default {OmegaConf.select(default, key)})" in line
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_show_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
     args = ["preset=maml_omniglot_5w1s", "inner.lr=0.2", f"out_dir={tmp_path / 'run'}"]
     proc = run_cli("train_maml.py", "--show-config", *args)
@@ -41,6 +45,7 @@ def test_show_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
     assert shown["inner"]["lr"] == 0.2 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_evaluate_help_names_the_keys_that_apply_to_a_saved_run():
     proc = run_cli("evaluate.py", "--help")
     assert all(key in proc.stdout for key in EVAL_KEYS)

@@ -67,6 +67,7 @@ def copy_run(full_run: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_kill_9_at_random_steps_then_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -104,6 +105,7 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
     assert log.path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_diverging_training_stops_keeps_the_last_finite_checkpoint_and_writes_no_nan(tmp_path):
     out = tmp_path / "nan"
     proc = run_cli("train_maml.py", *ARGS, "train.meta_lr=1e30", f"out_dir={out}", check=False)
@@ -120,6 +122,7 @@ def test_diverging_training_stops_keeps_the_last_finite_checkpoint_and_writes_no
     assert strict_json(to_json({"loss": float("nan"), "xs": [float("inf"), 1.0]})) == {"loss": None, "xs": [None, 1.0]}
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_resume_with_a_changed_config_is_refused(full_run, tmp_path):
     out = copy_run(full_run, tmp_path)
     before = (out / "config.yaml").read_text()
@@ -138,6 +141,7 @@ def test_resume_with_a_changed_config_is_refused(full_run, tmp_path):
     assert "no checkpoint" in run_script("train_maml.py", *ARGS, f"out_dir={out}", "resume=true")
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_an_existing_run_is_never_overwritten_and_overwrite_is_explicit(full_run, tmp_path):
     out = copy_run(full_run, tmp_path)
     (out / "checkpoint.pt").unlink()  # a run killed after best.pt and metrics, before any checkpoint
@@ -170,6 +174,7 @@ class _Payload:
         return (Path.touch, (self.target,))
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_damaged_and_unsafe_checkpoints_are_refused_in_one_line(full_run, tmp_path):
     out = copy_run(full_run, tmp_path)
     good = (out / "checkpoint.pt").read_bytes()
@@ -201,6 +206,7 @@ def test_damaged_and_unsafe_checkpoints_are_refused_in_one_line(full_run, tmp_pa
     assert "does not fit the configured learner" in message and "task.ways" in message
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_evaluate_refuses_keys_that_cannot_apply_to_a_saved_run(full_run):
     message = run_script("evaluate.py", str(full_run / "best.pt"), "preset=maml_omniglot_5w1s")
     assert message.startswith("config error: preset cannot apply to a saved run")
@@ -219,6 +225,7 @@ def test_presets_are_names_and_references_belong_to_their_protocol():
     assert load_config(["train.iterations=5"], preset=quick).reference.accuracy == 98.7
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_bad_out_dirs_are_one_line_errors_before_data_loading(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")

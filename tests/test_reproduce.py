@@ -108,6 +108,7 @@ def test_iterations_for_minutes_uses_the_probes_rate_after_its_first_window():
         iterations_for_minutes(records[:1], minutes=1, cap=100)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_a_table_naming_a_missing_preset_is_a_one_line_error_and_writes_nothing(tmp_path):
     spec = write_spec(tmp_path / "t.yaml", [cell("a", "maml_omniglot_5w1s"), cell("b", "not_yet_a_preset")])
     proc = run_script("reproduce.py", str(spec), "--out", str(tmp_path / "out"), *TINY)
@@ -116,6 +117,7 @@ def test_a_table_naming_a_missing_preset_is_a_one_line_error_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_runner_end_to_end_on_synthetic_data_with_a_resume(tmp_path):
     spec = write_spec(tmp_path / "tiny.yaml", [
         cell("maml", "maml_omniglot_5w1s", 98.7, 0.4, requires={"task.ways": 5}),

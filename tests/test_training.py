@@ -49,6 +49,7 @@ def train_records(out_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "its_per_s"} for r in records]
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_cli_smoke_on_synthetic_data(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}")
@@ -82,6 +83,7 @@ def test_cli_smoke_on_synthetic_data(tmp_path):
     assert refused.returncode != 0 and "resume=true" in refused.stderr
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_training_learns_synthetic_tasks(tmp_path):
     out = tmp_path / "learn"
     run_cli("train_maml.py", *TINY, "train.iterations=30", "train.val_every=30", "train.checkpoint_every=30",
@@ -93,6 +95,7 @@ def test_training_learns_synthetic_tasks(tmp_path):
     assert json.loads((out / "results.json").read_text())["test"]["accuracy"] > 60.0  # chance is 20%
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run_cli("train_maml.py", *PINNED, "train.iterations=6", f"out_dir={full}")
@@ -104,6 +107,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     assert a == b
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_resume_keeps_the_auto_drivers_choice(tmp_path):
     out = tmp_path / "run"
     run_cli("train_maml.py", *TINY, "train.iterations=3", f"out_dir={out}")
@@ -119,6 +123,7 @@ def test_resume_keeps_the_auto_drivers_choice(tmp_path):
     assert resumed["step"] == 6 and list(resumed["auto_choices"].values()) == ["vmap+unfold"]
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     args = [*PINNED, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
@@ -139,6 +144,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert train_records(interrupted) == train_records(full)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_vmap_and_loop_drivers_give_the_same_trajectory(tmp_path):
     losses = {}
     for driver in ("vmap", "loop"):
@@ -150,6 +156,7 @@ def test_vmap_and_loop_drivers_give_the_same_trajectory(tmp_path):
     np.testing.assert_allclose(losses["vmap"], losses["loop"], rtol=1e-9, atol=0)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="train.itrations"):
         load_config(["train.itrations=3"])
@@ -171,6 +178,7 @@ def test_config_errors_name_the_key():
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     cfg = load_config([*TINY, "preset=protonets_omniglot_5w1s", "data.image_size=16", "task.train_ways=12",
                        "task.train_shots=2", "task.queries=3", "task.test_queries=4"])
@@ -195,6 +203,7 @@ def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     assert load_config(["task.train_ways=5", "task.train_shots=3"]).task.train_shots == 3
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_runs_that_cannot_start_say_why_in_one_line_and_write_nothing(tmp_path):
     cases = [
         (["task.train_shots=30"], "task error: train split: shots + queries = 30 + 1 = 31 drawings per class"),
@@ -210,6 +219,7 @@ def test_runs_that_cannot_start_say_why_in_one_line_and_write_nothing(tmp_path):
     assert proc.returncode != 0 and "no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
     with pytest.raises(ConfigError, match="needs device=cuda"):
         load_config(["train.cuda_graph=true", "device=cpu"])
