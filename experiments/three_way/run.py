@@ -124,6 +124,12 @@ def max_gap(key: str, a: str, b: str) -> float:
     return max(abs(x - y) for x, y in zip(curves[a][key], curves[b][key]))
 
 
+def first_split(a: str, b: str, relative: float = 1e-4) -> int | None:
+    """The first iteration (1-based) whose losses differ by more than ``relative`` (relative), or None."""
+    pairs = zip(curves[a]["loss"], curves[b]["loss"])
+    return next((i + 1 for i, (x, y) in enumerate(pairs) if abs(x - y) > relative * max(abs(x), abs(y))), None)
+
+
 def weight_gaps(a: str, b: str) -> dict[str, float]:
     """The largest absolute difference between two ways' final weights, per parameter tensor. Parameters the output
     does not depend on (a conv bias right before batch norm) get gradients that are roundoff, which Adam's
@@ -137,7 +143,8 @@ summary = {
     way: {"train_seconds": sum(c["seconds"]), "median_step_ms": sorted(c["seconds"])[len(c["seconds"]) // 2] * 1e3,
           "final_loss": c["loss"][-1], "final_accuracy": c["accuracy"][-1]} for way, c in curves.items()}
 gaps = {f"{a} vs {b}": {"max_loss_gap": max_gap("loss", a, b), "max_accuracy_gap": max_gap("accuracy", a, b),
-                        "weight_gaps": weight_gaps(a, b)} for a, b in pairs}
+                        "first_loss_split_1e-4": first_split(a, b), "weight_gaps": weight_gaps(a, b)}
+        for a, b in pairs}
 if args.test_tasks:
     test = build_sampler(cfg, "test", device)
     rule = build_inner_rule(cfg, test=True)
@@ -180,6 +187,9 @@ for way in ways:
     print(f"{way}: {s['train_seconds']:.1f} s of training, median {s['median_step_ms']:.1f} ms/iteration{test}")
 for pair, gap in gaps.items():
     worst = sorted(gap["weight_gaps"].items(), key=lambda kv: -kv[1])[:2]
-    print(f"{pair}: largest gap in loss {gap['max_loss_gap']:.2e}, accuracy {gap['max_accuracy_gap']:.2e} points; "
-          f"final weights: " + ", ".join(f"{name} {value:.2e}" for name, value in worst))
+    split = gap["first_loss_split_1e-4"]
+    print(f"{pair}: largest gap in loss {gap['max_loss_gap']:.2e}, accuracy {gap['max_accuracy_gap']:.2e} points "
+          f"(losses {'never differ' if split is None else 'first differ'} by more than 1e-4 relative"
+          f"{'' if split is None else f' at iteration {split}'}); final weights: "
+          + ", ".join(f"{name} {value:.2e}" for name, value in worst))
 print(f"results: {(out / 'results.json').resolve()}  figure: {(out / 'curves.png').resolve()}")
