@@ -19,6 +19,16 @@ EXPECTED = {
     "reptile_omniglot_5w1s": ("reptile", "as_class", ["train", "val"], "maml", False),
     "mamlpp_omniglot_5w1s": ("mamlpp", "per_class", ["train"], "maml", False),
     "imaml_omniglot_5w1s": ("imaml", "per_class", ["train", "val", "test"], "lanczos", False),
+    # the other cells of the same papers' tables: the same data protocol as their 5w1s preset
+    **{f"{a}_omniglot_{c}": MAML for a in ("metasgd", "anil") for c in ("5w5s", "20w1s", "20w5s")
+       if a == "metasgd" or c.startswith("20")},
+    **{f"protonets_omniglot_{c}": ("protonets_vinyals", "as_class", ["train", "val", "test"], "maml", True)
+       for c in ("5w5s", "20w1s", "20w5s")},
+    **{f"reptile_omniglot_{c}": ("reptile", "as_class", ["train", "val"], "maml", False)
+       for c in ("5w5s", "20w1s", "20w5s")},
+    **{f"mamlpp_omniglot_{c}": ("mamlpp", "per_class", ["train"], "maml", False) for c in ("5w5s", "20w1s", "20w5s")},
+    **{f"imaml_omniglot_{c}": ("imaml", "per_class", ["train", "val", "test"], "lanczos", False)
+       for c in ("5w5s", "20w1s", "20w5s")},
 }
 
 

@@ -61,7 +61,12 @@ class TaskBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused_ok = x.device.type == "cpu" and x.numel() > x.shape[1]  # the kernel refuses one value per channel
         if self.use_fused_kernel and fused_ok and not under_vmap():
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+            # the kernel's double backward fails without a weight when the bias is differentiated twice (the loop
+            # drivers' second-order MAML with the beta-only norm adapted in the inner loop): pass a constant one
+            weight = self.weight
+            if weight is None and self.bias is not None:
+                weight = torch.ones(self.num_features, dtype=x.dtype, device=x.device)
+            return F.batch_norm(x, None, None, weight, self.bias, training=True, eps=self.eps)
         dims = [0, *range(2, x.dim())]
         centered = x - x.mean(dim=dims, keepdim=True)
         # two-pass variance: the same value as x.var(unbiased=False), about 5x faster on CPU

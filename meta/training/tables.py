@@ -1,7 +1,9 @@
 """Paper tables: the spec format of ``experiments/tables/*.yaml`` and the logic of ``scripts/reproduce.py``.
 
 A table spec names, per cell, the preset that reproduces it, the paper's number and what its ± means, the source,
-and the protocol knobs the preset must pin. The runner trains every cell and seed with ``scripts/train_maml.py``
+the protocol knobs the preset must pin, and the known deviations: parts of the original protocol that no config
+key expresses yet (such a cell is labelled ``deviates: ...`` whatever its run did, never ``as published``).
+The runner trains every cell and seed with ``scripts/train_maml.py``
 into ``<out>/<cell>/seed<k>``; the functions here load specs, decide what a run folder needs, label each run's
 protocol against its preset, and aggregate finished runs into the table (Markdown, JSON, figure).
 """
@@ -19,12 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from meta.training.config import CONFIG_DIR, ConfigError, available_presets, load_config
 
-PM_KINDS = ("task_ci95", "seed_std", "none")  # what the paper's ± is: 95% CI over test tasks, std over seeds, none
-#: config keys that never change what a run measures: run control, paths, the seed (seeds are the table's axis)
+#: what the paper's ± is: a 95% CI over test tasks, a std over seeds, a ± the paper prints without saying what it is
+#: (``unstated``), or none
+PM_KINDS = ("task_ci95", "seed_std", "unstated", "none")
+#: config keys that never change what a run measures: run control, paths, the seed (seeds are the table's axis), and
+#: the paper's number the run is shown next to (``reference.*``: a cell may name another row of the same preset)
 IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", "data.cache_dir", "preset")
+IGNORED_PREFIXES = ("reference.",)
 #: --minutes: a short timed run per cell; its first log window (the auto driver's choice, warm-up) is dropped
 PROBE_ITERATIONS, PROBE_LOG_EVERY = 12, 4
-_CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires"}
+_CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires", "deviations"}
 _MISSING = object()
 
 
@@ -44,6 +50,8 @@ class Cell:
     source: dict[str, str]  # paper, table, code
     overrides: list[str] = field(default_factory=list)  # key=value applied on top of the preset
     requires: dict[str, Any] = field(default_factory=dict)  # knobs the preset must pin, key: value
+    # parts of the original protocol that no config key expresses yet, each a sentence naming the code it cites
+    deviations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,13 +91,17 @@ def load_table(path: Path | str) -> TableSpec:
         if bad:
             raise TableError(f"{where}: overrides {bad} are not of the form key=value")
         requires = dict(item.get("requires") or {})
+        deviations = item.get("deviations") or []
+        if not isinstance(deviations, list) or not all(isinstance(d, str) and d.strip() for d in deviations):
+            raise TableError(f"{where}: deviations must be a list of sentences (what differs from the original "
+                             f"code and why no key expresses it)")
         unknown = [k for k in requires if OmegaConf.select(defaults, k, default=_MISSING) is _MISSING]
         if unknown:
             raise TableError(f"{where}: requires names {unknown}, which are not config keys")
         cells.append(Cell(name=str(item["name"]), preset=str(item["preset"]), paper_accuracy=float(paper["accuracy"]),
                           paper_pm=None if paper.get("pm") is None else float(paper["pm"]),
                           pm_kind=paper["pm_kind"], source=dict(item["source"]), overrides=overrides,
-                          requires=requires))
+                          requires=requires, deviations=list(deviations)))
     names = [c.name for c in cells]
     if not cells or len(set(names)) != len(names):
         raise TableError(f"{path}: cells must be a non-empty list with distinct names, got {names}")
@@ -176,22 +188,25 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def protocol_status(preset: str, run_config: DictConfig) -> dict[str, Any]:
+def protocol_status(preset: str, run_config: DictConfig, known: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """How a run's resolved config departs from its preset: a label, the iterations, and every other changed key.
 
     Label ``as published`` (nothing but seed, device, paths and progress differs), ``reduced schedule (N of M
     iterations)`` (only fewer iterations), or ``deviates: key=value (preset: v); ...`` (anything else, with the
-    schedule noted too).
+    schedule noted too). ``known``: the cell's deviations that no key expresses; they come first, marked ``(no
+    knob)``, and make the label ``deviates`` even when the run pinned everything its preset does.
     """
     ours, theirs = _flat(run_config), _flat(load_config([f"preset={preset}"]))
-    keys = [k for k in sorted(set(ours) | set(theirs)) if k not in IGNORED_KEYS and k != "train.iterations"]
-    deviations = [f"{k}={ours.get(k)} (preset: {theirs.get(k)})" for k in keys if ours.get(k) != theirs.get(k)]
+    keys = [k for k in sorted(set(ours) | set(theirs))
+            if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "train.iterations"]
+    deviations = [f"{d} (no knob)" for d in known]
+    deviations += [f"{k}={ours.get(k)} (preset: {theirs.get(k)})" for k in keys if ours.get(k) != theirs.get(k)]
     iterations, planned = ours["train.iterations"], theirs["train.iterations"]
     schedule = None
     if iterations < planned:
         schedule = f"reduced schedule ({iterations} of {planned} iterations)"
     elif iterations > planned:
-        deviations.insert(0, f"train.iterations={iterations} (preset: {planned})")
+        deviations.insert(len(known), f"train.iterations={iterations} (preset: {planned})")
     if deviations:
         label = "deviates: " + "; ".join(deviations) + (f"; {schedule}" if schedule else "")
     else:
@@ -209,12 +224,13 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "cell": cell.name, "preset": cell.preset, "paper": cell.paper_accuracy, "paper_pm": cell.paper_pm,
         "pm_kind": cell.pm_kind, "source": cell.source, "seeds_done": len(done), "seeds_planned": len(run_dirs),
+        "known_deviations": cell.deviations,
     }
     if not done:
         return {**row, "accuracy": None, "protocol": "not run", "within_paper": None}
     results = [json.loads((d / "results.json").read_text()) for d in done]
     configs = [OmegaConf.load(d / "config.yaml") for d in done]
-    statuses = [protocol_status(cell.preset, c) for c in configs]
+    statuses = [protocol_status(cell.preset, c, cell.deviations) for c in configs]
     accuracies = [r["test"]["accuracy"] for r in results]
     mean = sum(accuracies) / len(accuracies)
     std = (math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
@@ -235,7 +251,8 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
 
 
 def _pm(value: float | None, kind: str) -> str:
-    return "" if value is None else f" ± {value:.2f}" + {"task_ci95": "", "seed_std": " (std)"}.get(kind, "")
+    return "" if value is None else f" ± {value:.2f}" + {"task_ci95": "", "seed_std": " (std)", "unstated": " (?)"}.get(
+        kind, "")
 
 
 def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) -> str:
@@ -243,7 +260,8 @@ def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) ->
     lines = [
         f"# {spec.title}", "", f"Source: {spec.source}", "", f"Produced by `{command}`.", "",
         "Ours: mean test accuracy over seeds ± the mean of the seeds' 95% task CIs; std over seeds (n-1). "
-        "Paper: its number ± its interval ((std) where the paper's ± is a std over seeds).", "",
+        "Paper: its number ± its interval ((std) where the paper's ± is a std over seeds, (?) where the paper does "
+        "not say what its ± is).", "",
         "| cell | preset | ours (%) | std over seeds | seeds | paper (%) | within paper's ± | protocol |",
         "|---|---|---|---|---|---|---|---|",
     ]
