@@ -21,7 +21,8 @@ from meta.training.config import CONFIG_DIR, ConfigError, available_presets, loa
 
 PM_KINDS = ("task_ci95", "seed_std", "none")  # what the paper's ± is: 95% CI over test tasks, std over seeds, none
 #: config keys that never change what a run measures: run control, paths, the seed (seeds are the table's axis)
-IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", "data.cache_dir", "preset")
+IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", "data.cache_dir", "preset",
+                "dist.timeout_s")
 #: --minutes: a short timed run per cell; its first log window (the auto driver's choice, warm-up) is dropped
 PROBE_ITERATIONS, PROBE_LOG_EVERY = 12, 4
 _CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires"}
