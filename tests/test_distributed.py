@@ -1,0 +1,214 @@
+"""Distributed meta-training (issue 13): torchrun with 2 CPU processes (gloo) against the 1-process run.
+
+Runs launch ``python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/train_maml.py`` on tiny
+synthetic data in float64 with one thread per process. In-process checks of the collectives start 2 gloo ranks
+with ``torch.multiprocessing`` (a file store in the test's folder).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from meta.evaluation import evaluate_learner
+from meta.training.builders import build_learner, build_optimizer, build_samplers
+from meta.training.config import load_config
+from meta.training.distributed import DistContext, DistributedMetaStep, check_distributable
+from meta.training.run_log import load_checkpoint
+from tests.test_training import REPO, train_records
+
+ARGS = [
+    "data.dataset=synthetic", "data.synthetic_classes=20", "train.log_every=1", "train.val_every=3",
+    "train.val_tasks=10", "train.checkpoint_every=3", "eval.tasks=20", "eval.batch_size=5", "progress=false",
+    "device=cpu", "dtype=float64",
+]
+ODD = [*ARGS, "driver=vmap", "train.meta_batch=5"]  # 3 tasks on rank 0, 2 on rank 1
+TOLERANCE = 1e-10
+
+
+def launch(nproc: int, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    """scripts/train_maml.py on ``nproc`` processes through torchrun (1: plainly, without torchrun)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *runner, str(REPO / "scripts/train_maml.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{nproc} process(es) failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Global-norm relative difference of two tensor dicts with the same keys."""
+    assert set(a) == set(b)
+    diff = sum(((a[k] - b[k]).double() ** 2).sum() for k in a) ** 0.5
+    return float(diff / sum((b[k].double() ** 2).sum() for k in b) ** 0.5)
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Metrics, final weights and test result of ``out`` equal the reference's within TOLERANCE (relative)."""
+    ours, theirs = train_records(out), train_records(reference)
+    assert [(r["step"], r["split"]) for r in ours] == [(r["step"], r["split"]) for r in theirs]
+    for a, b in zip(ours, theirs):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert a[key] == pytest.approx(value, rel=TOLERANCE, abs=TOLERANCE), (a, b)
+    state, ref = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
+    assert state["step"] == ref["step"]
+    assert relative_error(state["learner"], ref["learner"]) < TOLERANCE
+    test, ref_test = (json.loads((d / "results.json").read_text())["test"] for d in (out, reference))
+    assert test["accuracy"] == pytest.approx(ref_test["accuracy"], rel=TOLERANCE)
+    assert test["loss"] == pytest.approx(ref_test["loss"], rel=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted 1-process run that the distributed ones must reproduce (6 steps, odd meta-batch)."""
+    out = tmp_path_factory.mktemp("dist") / "one"
+    launch(1, *ODD, "train.iterations=6", f"out_dir={out}")
+    return out
+
+
+def test_two_ranks_reproduce_the_one_process_run(reference, tmp_path):
+    two = launch(2, *ODD, "train.iterations=6", f"out_dir={tmp_path}")
+    assert "2 processes (gloo)" in two.stdout
+    assert two.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    assert_same_run(tmp_path, reference)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["processes"] == 2 and len(results["test"]["task_accuracies"]) == 20
+
+
+def test_checkpoints_move_between_world_sizes(reference, tmp_path):
+    for first, second in ((2, 1), (1, 2)):
+        out = tmp_path / f"{first}to{second}"
+        launch(first, *ODD, "train.iterations=3", f"out_dir={out}")
+        state = load_checkpoint(out / "checkpoint.pt")
+        assert state["step"] == 3 and not any("world" in key for key in state)
+        launch(second, *ODD, "train.iterations=6", f"out_dir={out}", "resume=true")
+        assert_same_run(out, reference)
+
+
+def test_a_killed_rank_ends_the_run_in_bounded_time_with_the_checkpoint_intact(tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "scripts/train_maml.py"), *ODD, "train.iterations=100000", "train.val_every=100000",
+         "train.checkpoint_every=2", "dist.timeout_s=30", f"out_dir={out}"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ranks = {int(pid): Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in children}
+    rank1 = [pid for pid, environ in ranks.items() if b"RANK=1" in environ]
+    assert len(rank1) == 1, ranks.keys()
+    os.kill(rank1[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert "SIGKILL" in err and "train_maml.py FAILED" in err, err[-2000:]
+    state = load_checkpoint(out / "checkpoint.pt")  # readable, complete (weights_only)
+    assert state["step"] >= 2 and state["step"] % 2 == 0
+
+
+def test_configs_that_cannot_run_distributed_are_refused_naming_the_key():
+    cfg = load_config([*ODD, "train.meta_batch=3"])
+    assert check_distributable(cfg, DistContext()) is None  # one process: nothing to refuse
+    assert check_distributable(cfg, DistContext(rank=0, world=3)) is None
+    refused = check_distributable(cfg, DistContext(rank=1, world=4))
+    assert "train.meta_batch=3 is smaller than the 4 processes" in refused
+    cfg.train.cuda_graph = True  # (set directly: validate() already refuses it on a CPU)
+    assert "train.cuda_graph=true runs on one process" in check_distributable(cfg, DistContext(rank=0, world=2))
+
+
+# ---- in-process: 2 gloo ranks started by torch.multiprocessing ---------------------------------------------------
+DRIVERS, STEPS = ("vmap", "loop"), 5
+
+
+def train_steps(learner, sampler, step) -> dict[str, torch.Tensor]:
+    """STEPS training steps of ``step(tasks)`` on the seed-0 task stream of meta-batch 5; the final weights."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        batch = sampler.sample(5, generator)
+        step((batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y))
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+def _worker(rank: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    ctx = DistContext(rank=rank, world=2, local_rank=rank, backend="gloo")
+    cfg = load_config([*ODD, "train.meta_batch=5"])
+    learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+    initial = {k: v.clone() for k, v in learner.state_dict().items()}
+    samplers = build_samplers(cfg, torch.device("cpu"))
+    out: dict = {}
+    # sharded evaluation: each rank evaluates every other batch, every rank returns the gathered result
+    out["eval"] = evaluate_learner(learner, samplers["test"], num_tasks=23, seed=7, batch_size=5,
+                                   dtype=torch.float64, per_task=True, dist=ctx)
+    # training steps: each rank's learner sees only its share; the gradients travel in one all_reduce per step
+    seen, calls = [], []
+    meta_gradient, all_reduce = learner.meta_gradient, dist.all_reduce
+    learner.meta_gradient = lambda tasks, **kw: seen.append(len(tasks[0])) or meta_gradient(tasks, **kw)
+    dist.all_reduce = lambda tensor, **kw: calls.append(tensor.numel()) or all_reduce(tensor, **kw)
+    for driver in DRIVERS:
+        learner.load_state_dict(initial)
+        out[driver] = train_steps(learner, samplers["train"], DistributedMetaStep(
+            learner, build_optimizer(cfg, learner), ctx, driver=driver, chunk_size=None, signals=[]))
+    dist.all_reduce = all_reduce
+    out.update(seen=seen, calls=calls)
+    try:  # a check that fails on one rank only ends both, with that rank's message
+        ctx.agree("disk full" if rank == 1 else None)
+    except SystemExit as stop:
+        out["agree"] = str(stop.code)
+    torch.save(out, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_collectives_shard_and_gather_exactly(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    cfg = load_config([*ODD, "train.meta_batch=5"])
+    learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+    samplers = build_samplers(cfg, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same kernels, the same bits
+    try:
+        single = evaluate_learner(learner, samplers["test"], num_tasks=23, seed=7, batch_size=5,
+                                  dtype=torch.float64, per_task=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert ranks[0]["eval"] == single and ranks[1]["eval"] == single  # exactly, every per-task accuracy included
+    for driver in DRIVERS:  # the single-process steps, from the same initial weights
+        learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+        optimizer = build_optimizer(cfg, learner)
+        step = functools.partial(learner.train_step, optimizer, driver=driver)
+        expected = train_steps(learner, samplers["train"], step)
+        for rank in range(2):
+            assert relative_error(ranks[rank][driver], expected) < TOLERANCE
+        assert all(torch.equal(ranks[0][driver][k], ranks[1][driver][k]) for k in expected)  # bit-identical ranks
+    n_grads = sum(p.numel() for p in learner.parameters())
+    for rank, share in ((0, 3), (1, 2)):
+        assert ranks[rank]["seen"] == [share] * STEPS * len(DRIVERS)
+        assert ranks[rank]["calls"] == [n_grads + 4] * STEPS * len(DRIVERS)  # one bucket: gradients, loss,
+        assert ranks[rank]["agree"] == "rank 1 of 2: disk full"  # accuracy and 2 control numbers
+
+
+def test_shares_cover_the_meta_batch_contiguously():
+    for world in (1, 2, 3, 4):
+        for total in range(world, 12):
+            shares = [DistContext(rank=r, world=world).share(total) for r in range(world)]
+            assert [s.start for s in shares] == [0, *(s.stop for s in shares[:-1])] and shares[-1].stop == total
+            sizes = [s.stop - s.start for s in shares]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
