@@ -133,13 +133,27 @@ def test_configs_that_cannot_run_distributed_are_refused_naming_the_key():
 
 
 # ---- in-process: 2 gloo ranks started by torch.multiprocessing ---------------------------------------------------
-DRIVERS, STEPS = ("vmap", "loop"), 5
+#: name: (overrides, driver, training steps): MAML on both drivers, every algorithm, a rule with learnable tensors
+CASES = {
+    "maml_vmap": ([], "vmap", 5), "maml_loop": ([], "loop", 5),
+    "metasgd": (["inner.rule=metasgd"], "vmap", 3),
+    "mamlpp": (["algorithm=mamlpp", "inner.rule=mamlpp", "inner.steps=2", "mamlpp.msl_iterations=2",
+                "mamlpp.first_order_iterations=1"], "loop", 3),
+    "reptile": (["algorithm=reptile", "train.optimizer=sgd", "train.meta_lr=0.5", "inner.steps=2"], "vmap", 3),
+    "imaml": (["algorithm=imaml", "inner.steps=2", "imaml.cg_steps=2"], "vmap", 3),
+    "protonets": (["algorithm=protonets"], "vmap", 3),
+}
 
 
-def train_steps(learner, sampler, step) -> dict[str, torch.Tensor]:
-    """STEPS training steps of ``step(tasks)`` on the seed-0 task stream of meta-batch 5; the final weights."""
+def case_config(name: str):
+    return load_config([*ODD, "train.meta_batch=5", *CASES[name][0]])
+
+
+def train_steps(learner, sampler, step, steps: int) -> dict[str, torch.Tensor]:
+    """``steps`` training steps of ``step(tasks)`` on the seed-0 task stream of meta-batch 5; the final weights."""
     generator = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
+    for i in range(steps):
+        learner.set_iteration(i, steps)  # MAML++'s schedules
         batch = sampler.sample(5, generator)
         step((batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y))
     return {k: v.detach().clone() for k, v in learner.state_dict().items()}
@@ -151,23 +165,32 @@ def _worker(rank: int, folder: str) -> None:
     ctx = DistContext(rank=rank, world=2, local_rank=rank, backend="gloo")
     cfg = load_config([*ODD, "train.meta_batch=5"])
     learner = build_learner(cfg, torch.float64, torch.device("cpu"))
-    initial = {k: v.clone() for k, v in learner.state_dict().items()}
     samplers = build_samplers(cfg, torch.device("cpu"))
     out: dict = {}
     # sharded evaluation: each rank evaluates every other batch, every rank returns the gathered result
     out["eval"] = evaluate_learner(learner, samplers["test"], num_tasks=23, seed=7, batch_size=5,
                                    dtype=torch.float64, per_task=True, dist=ctx)
     # training steps: each rank's learner sees only its share; the gradients travel in one all_reduce per step
-    seen, calls = [], []
-    meta_gradient, all_reduce = learner.meta_gradient, dist.all_reduce
-    learner.meta_gradient = lambda tasks, **kw: seen.append(len(tasks[0])) or meta_gradient(tasks, **kw)
+    seen, calls, all_reduce = [], [], dist.all_reduce
     dist.all_reduce = lambda tensor, **kw: calls.append(tensor.numel()) or all_reduce(tensor, **kw)
-    for driver in DRIVERS:
-        learner.load_state_dict(initial)
-        out[driver] = train_steps(learner, samplers["train"], DistributedMetaStep(
-            learner, build_optimizer(cfg, learner), ctx, driver=driver, chunk_size=None, signals=[]))
+    for name, (_, driver, steps) in CASES.items():
+        cfg = case_config(name)
+        learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+        meta_gradient = learner.meta_gradient
+        learner.meta_gradient = lambda tasks, f=meta_gradient, **kw: seen.append(len(tasks[0])) or f(tasks, **kw)
+        out[name] = train_steps(learner, samplers["train"], DistributedMetaStep(
+            learner, build_optimizer(cfg, learner), ctx, driver=driver, chunk_size=None, signals=[]), steps)
+        out[name, "grads"] = sum(p.numel() for p in learner.parameters())
     dist.all_reduce = all_reduce
     out.update(seen=seen, calls=calls)
+    # the auto driver: each rank may time a different winner; every rank then runs rank 0's
+    cfg = case_config("maml_vmap")
+    learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+    only = ("loop_autograd+native",) if rank == 0 else ("vmap+native",)
+    learner.auto_driver.candidates = {"cpu": only, "cuda": only}
+    out["auto"] = train_steps(learner, samplers["train"], DistributedMetaStep(
+        learner, build_optimizer(cfg, learner), ctx, driver="auto", chunk_size=None, signals=[]), 2)
+    out["auto_choices"] = list(learner.auto_driver.choices.values())
     try:  # a check that fails on one rank only ends both, with that rank's message
         ctx.agree("disk full" if rank == 1 else None)
     except SystemExit as stop:
@@ -190,19 +213,22 @@ def test_collectives_shard_and_gather_exactly(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert ranks[0]["eval"] == single and ranks[1]["eval"] == single  # exactly, every per-task accuracy included
-    for driver in DRIVERS:  # the single-process steps, from the same initial weights
+    for name, (_, driver, steps) in CASES.items():  # the single-process steps, from the same initial weights
+        cfg = case_config(name)
         learner = build_learner(cfg, torch.float64, torch.device("cpu"))
-        optimizer = build_optimizer(cfg, learner)
-        step = functools.partial(learner.train_step, optimizer, driver=driver)
-        expected = train_steps(learner, samplers["train"], step)
+        step = functools.partial(learner.train_step, build_optimizer(cfg, learner), driver=driver)
+        expected = train_steps(learner, samplers["train"], step, steps)
         for rank in range(2):
-            assert relative_error(ranks[rank][driver], expected) < TOLERANCE
-        assert all(torch.equal(ranks[0][driver][k], ranks[1][driver][k]) for k in expected)  # bit-identical ranks
-    n_grads = sum(p.numel() for p in learner.parameters())
+            assert relative_error(ranks[rank][name], expected) < TOLERANCE, (name, rank)
+        assert all(torch.equal(ranks[0][name][k], ranks[1][name][k]) for k in expected)  # bit-identical ranks
+    assert ranks[0]["auto_choices"] == ranks[1]["auto_choices"] == ["loop_autograd+native"]
+    assert relative_error(ranks[1]["auto"], ranks[0]["auto"]) < TOLERANCE
+    # one bucket per step: every gradient, the loss and accuracy sums and 2 control numbers
+    calls = [ranks[0][name, "grads"] + 4 for name, (*_, steps) in CASES.items() for _ in range(steps)]
     for rank, share in ((0, 3), (1, 2)):
-        assert ranks[rank]["seen"] == [share] * STEPS * len(DRIVERS)
-        assert ranks[rank]["calls"] == [n_grads + 4] * STEPS * len(DRIVERS)  # one bucket: gradients, loss,
-        assert ranks[rank]["agree"] == "rank 1 of 2: disk full"  # accuracy and 2 control numbers
+        assert ranks[rank]["seen"] == [share] * len(calls)
+        assert ranks[rank]["calls"] == calls
+        assert ranks[rank]["agree"] == "rank 1 of 2: disk full"
 
 
 def test_shares_cover_the_meta_batch_contiguously():
