@@ -20,12 +20,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 from meta.evaluation import evaluate_learner
 from meta.training.builders import build_learner, build_optimizer, build_samplers
 from meta.training.config import load_config
 from meta.training.distributed import DistContext, DistributedMetaStep, check_distributable
 from meta.training.run_log import load_checkpoint
+from meta.training.tables import train_command
 from tests.test_training import REPO, train_records
 
 ARGS = [
@@ -130,6 +132,23 @@ def test_configs_that_cannot_run_distributed_are_refused_naming_the_key():
     assert "train.meta_batch=3 is smaller than the 4 processes" in refused
     cfg.train.cuda_graph = True  # (set directly: validate() already refuses it on a CPU)
     assert "train.cuda_graph=true runs on one process" in check_distributable(cfg, DistContext(rank=0, world=2))
+
+
+def test_the_table_runner_launches_its_runs_through_torchrun(tmp_path):
+    assert train_command(Path("t.py"), 1) == [sys.executable, "t.py"]
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({"title": "tiny", "source": "this test", "cells": [
+        {"name": "maml", "preset": "maml_omniglot_5w1s", "paper": {"accuracy": 98.7, "pm": 0.4, "pm_kind": "task_ci95"},
+         "source": {"paper": "p", "table": "t", "code": "c"}}]}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/reproduce.py"), str(spec), "--nproc", "2",
+                           "--iterations", "2", "--out", str(tmp_path / "out"), *ARGS,
+                           "train.meta_batch=2", "driver=vmap", "inner.test_steps=1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "maml" / "seed0" / "results.json").read_text())
+    assert results["processes"] == 2 and "2 processes (gloo)" in proc.stdout
+    assert "maml_omniglot_5w1s" in (tmp_path / "out" / "table.md").read_text()
 
 
 # ---- in-process: 2 gloo ranks started by torch.multiprocessing ---------------------------------------------------

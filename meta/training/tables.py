@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,15 @@ def check_cells(spec: TableSpec, cells: list[Cell], extra: list[str]) -> None:
             load_config([f"preset={cell.preset}", *cell.overrides, *extra])
         except ConfigError as error:
             raise TableError(f"table {spec.name}, cell {cell.name}: {error}") from None
+
+
+def train_command(script: Path, nproc: int = 1) -> list[str]:
+    """The command that starts ``script`` (scripts/train_maml.py): plainly on one process, or through torchrun
+    (``python -m torch.distributed.run --standalone``) on ``nproc`` processes of this machine, one run."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be positive, got {nproc}")
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *runner, str(script)]
 
 
 def run_action(run_dir: Path) -> str:
