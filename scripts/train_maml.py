@@ -106,7 +106,11 @@ if "--show-config" in sys.argv[1:]:  # the resolved config of this command line;
     sys.exit(0)
 # ---- torchrun: one run on several processes (meta/training/distributed.py); without it, dist_ctx is one process
 try:
-    dist_ctx = init_distributed(cfg.dist.timeout_s)
+    wants_cuda = resolve_device(cfg.device).type == "cuda"
+except RuntimeError as error:  # device=cuda without a GPU
+    sys.exit(f"config error: {error}")
+try:
+    dist_ctx = init_distributed(cfg.dist.timeout_s, cuda=wants_cuda)
 except (ValueError, RuntimeError) as error:  # a broken torchrun environment, or no rendezvous within the timeout
     sys.exit(f"torchrun error: {error}")
 if not dist_ctx.is_main:  # rank 0 alone prints and writes; errors still go to every rank's stderr

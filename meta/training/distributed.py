@@ -111,8 +111,9 @@ class DistContext:
             raise SystemExit(message if self.world == 1 else f"rank {rank} of {self.world}: {message}")
 
     def close(self) -> None:
-        """Leave the process group (no-op on one process)."""
+        """Leave the process group once every rank is done with it (no-op on one process)."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -135,12 +136,12 @@ def torchrun_world() -> int:
     return world
 
 
-def init_distributed(timeout_s: float) -> DistContext:
+def init_distributed(timeout_s: float, cuda: bool) -> DistContext:
     """The run's :class:`DistContext`, read from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT``). With ``WORLD_SIZE > 1`` it joins the process group: gloo for CPU tensors
-    and, on a machine with GPUs, NCCL for CUDA tensors (``cpu:gloo,cuda:nccl``, after selecting GPU
-    ``LOCAL_RANK``), so the run's device may be chosen after joining. ``timeout_s`` bounds how long a collective
-    waits for a rank that died or hangs before this rank fails (``dist.timeout_s``)."""
+    and, for a ``cuda`` run, also NCCL for CUDA tensors (``cpu:gloo,cuda:nccl``, after selecting GPU
+    ``LOCAL_RANK``). ``timeout_s`` bounds how long a collective waits for a rank that died or hangs before this
+    rank fails (``dist.timeout_s``)."""
     world = torchrun_world()
     if world == 1:
         return DistContext()
@@ -150,10 +151,11 @@ def init_distributed(timeout_s: float) -> DistContext:
                          f"(python -m torch.distributed.run --nproc_per_node N scripts/train_maml.py ...)")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     backend = "gloo"
-    if torch.cuda.is_available():
+    if cuda:
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
-                             f"start at most that many processes per node (--nproc_per_node)")
+                             f"start at most that many processes per node (--nproc_per_node), one per GPU, or "
+                             f"train on CPUs with device=cpu")
         torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
