@@ -88,6 +88,12 @@ def test_two_ranks_reproduce_the_one_process_run(reference, tmp_path):
     assert_same_run(tmp_path, reference)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["processes"] == 2 and len(results["test"]["task_accuracies"]) == 20
+    # the test set was evaluated sharded over the 2 ranks: one process on the same weights gets exactly that
+    assert results["checkpoint"].startswith("best")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), str(tmp_path / "best.pt")], cwd=REPO, env=env,
+                   check=True, capture_output=True)
+    assert json.loads((tmp_path / "results_best.json").read_text())["test"] == results["test"]
 
 
 def test_checkpoints_move_between_world_sizes(reference, tmp_path):
