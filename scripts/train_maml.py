@@ -47,6 +47,7 @@ from meta.training.distributed import (
     DistributedMetaStep,
     check_distributable,
     init_distributed,
+    one_line_errors,
     rank_device,
     torchrun_world,
 )
@@ -113,6 +114,8 @@ try:
     dist_ctx = init_distributed(cfg.dist.timeout_s, cuda=wants_cuda)
 except (ValueError, RuntimeError) as error:  # a broken torchrun environment, or no rendezvous within the timeout
     sys.exit(f"torchrun error: {error}")
+if dist_ctx.world > 1:  # a failed collective (a rank died or hangs) prints its message, not a traceback
+    sys.excepthook = one_line_errors()
 if not dist_ctx.is_main:  # rank 0 alone prints and writes; errors still go to every rank's stderr
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 # ---- end torchrun ----

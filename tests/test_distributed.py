@@ -25,7 +25,13 @@ import yaml
 from meta.evaluation import evaluate_learner
 from meta.training.builders import build_learner, build_optimizer, build_samplers
 from meta.training.config import load_config
-from meta.training.distributed import DistContext, DistributedMetaStep, check_distributable
+from meta.training.distributed import (
+    DistContext,
+    DistributedError,
+    DistributedMetaStep,
+    check_distributable,
+    one_line_errors,
+)
 from meta.training.run_log import load_checkpoint
 from meta.training.tables import train_command
 from tests.test_training import REPO, train_records
@@ -254,6 +260,21 @@ def test_collectives_shard_and_gather_exactly(tmp_path):
         assert ranks[rank]["seen"] == [share] * len(calls)
         assert ranks[rank]["calls"] == calls
         assert ranks[rank]["agree"] == "rank 1 of 2: disk full"
+
+
+def test_a_failed_collective_is_a_one_line_error_naming_the_timeout(capsys):
+    def timed_out(*args, **kwargs):
+        raise dist.DistBackendError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv")
+
+    ctx = DistContext(rank=1, world=2, timeout_s=5)
+    with pytest.raises(DistributedError) as raised:
+        ctx._run("all_reduce", timed_out)
+    message = str(raised.value)
+    assert message.startswith("rank 1 of 2: all_reduce failed") and "dist.timeout_s=5 s" in message
+    assert "Timed out waiting 5000ms" in message and "resume=true" in message and "\n" not in message
+    hook = one_line_errors(previous=lambda *args: pytest.fail("a DistributedError went to the default hook"))
+    hook(DistributedError, raised.value, None)
+    assert capsys.readouterr().err == f"distributed error: {message}\n"
 
 
 def test_shares_cover_the_meta_batch_contiguously():

@@ -14,7 +14,8 @@ collectives are identities, and the training script runs its ordinary single-pro
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,11 @@ import torch
 import torch.distributed as dist
 
 from meta.learner import MetaLearner, Tasks
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank died, or stopped answering within ``dist.timeout_s``."""
+
 
 #: the environment ``torchrun`` sets for every rank (``python -m torch.distributed.run``)
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -40,6 +46,18 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     backend: str | None = None
+    timeout_s: float = 0.0
+
+    def _run(self, what: str, collective: Callable, *args, **kwargs) -> Any:
+        """``collective(*args, **kwargs)``, its failure turned into a one-line :class:`DistributedError`."""
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as error:  # torch.distributed.DistBackendError and the backends' own errors
+            first = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
+            raise DistributedError(
+                f"rank {self.rank} of {self.world}: {what} failed: another rank died or did not answer within "
+                f"dist.timeout_s={self.timeout_s:g} s ({first}). Checkpoints are written atomically: the last "
+                f"one in out_dir is intact; continue with resume=true") from None
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +81,7 @@ class DistContext:
         out: list[torch.Tensor | None] = [None] * len(tensors)
         for indices in _buckets(tensors):
             flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            self._run("all_reduce", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
             offset = 0
             for i in indices:
                 n = tensors[i].numel()
@@ -78,7 +96,7 @@ class DistContext:
         tensors = list(tensors)
         for indices in _buckets(tensors):
             flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-            dist.broadcast(flat, src=src)
+            self._run("broadcast", dist.broadcast, flat, src=src)
             offset = 0
             with torch.no_grad():
                 for i in indices:
@@ -91,7 +109,7 @@ class DistContext:
         if self.world == 1:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        self._run("broadcast", dist.broadcast_object_list, box, src=src)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -99,7 +117,7 @@ class DistContext:
         if self.world == 1:
             return [obj]
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, obj)
+        self._run("all_gather", dist.all_gather_object, gathered, obj)
         return gathered
 
     def agree(self, error: str | None) -> None:
@@ -113,7 +131,7 @@ class DistContext:
     def close(self) -> None:
         """Leave the process group once every rank is done with it (no-op on one process)."""
         if self.world > 1 and dist.is_initialized():
-            dist.barrier()
+            self._run("barrier", dist.barrier)
             dist.destroy_process_group()
 
 
@@ -159,7 +177,20 @@ def init_distributed(timeout_s: float, cuda: bool) -> DistContext:
         torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
-    return DistContext(rank=rank, world=world, local_rank=local_rank, backend=backend)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, backend=backend, timeout_s=timeout_s)
+
+
+def one_line_errors(previous: Callable = sys.excepthook) -> Callable:
+    """An exception hook (for ``sys.excepthook``) that prints a :class:`DistributedError` as its one-line message
+    (the process still exits with status 1) and passes anything else to ``previous``."""
+
+    def hook(kind, error, traceback) -> None:
+        if isinstance(error, DistributedError):
+            print(f"distributed error: {error}", file=sys.stderr, flush=True)
+        else:
+            previous(kind, error, traceback)
+
+    return hook
 
 
 def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
