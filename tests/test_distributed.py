@@ -34,6 +34,7 @@ from meta.training.distributed import (
 )
 from meta.training.run_log import load_checkpoint
 from meta.training.tables import train_command
+from tests.test_faults import run_script
 from tests.test_training import REPO, train_records
 
 ARGS = [
@@ -45,14 +46,19 @@ ODD = [*ARGS, "driver=vmap", "train.meta_batch=5"]  # 3 tasks on rank 0, 2 on ra
 TOLERANCE = 1e-10
 
 
-def launch(nproc: int, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    """scripts/train_maml.py on ``nproc`` processes through torchrun (1: plainly, without torchrun)."""
+def launch(nproc: int, *args: str) -> subprocess.CompletedProcess | None:
+    """scripts/train_maml.py on ``nproc`` processes through torchrun; 1: in this process, without torchrun (no
+    interpreter to start: the 1-process runs here are the references)."""
+    if nproc == 1:
+        message = run_script("train_maml.py", *args)
+        assert message is None, message
+        return None
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = subprocess.run([sys.executable, *runner, str(REPO / "scripts/train_maml.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{nproc} process(es) failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+                          capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:
+        raise AssertionError(f"{nproc} processes failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
