@@ -27,6 +27,7 @@ from meta.training.builders import (
     test_inner_steps,
 )
 from meta.training.config import EVAL_KEYS, ConfigError, check_eval_overrides, load_config
+from meta.training.distributed import torchrun_world
 from meta.training.run_log import (
     CheckpointError,
     atomic_write_text,
@@ -42,6 +43,9 @@ if {"-h", "--help"} & set(sys.argv[1:]):
     sys.exit(0)
 if len(sys.argv) < 2 or "=" in sys.argv[1]:
     sys.exit(__doc__)
+if torchrun_world() > 1:
+    sys.exit("scripts/evaluate.py runs on one process; start it without torchrun (training under torchrun already "
+             "shards its validation and test tasks)")
 path = Path(sys.argv[1])
 try:
     check_eval_overrides(sys.argv[2:])

@@ -4,9 +4,10 @@
 #   2. the benchmark suite on the GPU (meta-step grid against learn2learn, per-sample gradients, memory),
 #   3. short MAML Omniglot 5w1s training runs on the paper preset, with the meta-step replayed as a CUDA graph
 #      (train.cuda_graph=true) and eager, whose step times give the extrapolated time of the paper's 60,000
-#      iterations.
+#      iterations,
+#   4. distributed training's throughput on this GPU (scripts/benchmark_distributed.py; NCCL with 2 GPUs).
 # Results go under $OUT (default gpu_out/): log.txt, pytest.txt, bench/results.{json,md}, bench/meta_step.png,
-# train-cuda_graph.tar.gz, train-eager.tar.gz. Each stage has its own time limit, so one slow stage cannot eat the others' time.
+# train-cuda_graph.tar.gz, train-eager.tar.gz, distributed.json. Each stage has its own time limit, so one slow stage cannot eat the others' time.
 #
 # Optional inputs (for a machine without internet and without this project installed; made here by
 # scripts/prepare_gpu_bundle.sh):
@@ -63,5 +64,10 @@ train() {  # train NAME SECONDS ITERATIONS [key=value ...]: a paper-preset run, 
 # the meta-step replayed as a CUDA graph, then the eager step for the same-machine ratio of steps per second
 train cuda_graph "${TRAIN_SECONDS:-100}" "${TRAIN_ITERATIONS:-3000}" train.cuda_graph=true
 train eager "${EAGER_SECONDS:-60}" "${EAGER_ITERATIONS:-1000}"
+
+stage "distributed (torchrun): tasks/s on 1 GPU, and on 2 with NCCL where the machine has 2"
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+timeout "${DIST_SECONDS:-120}" "$PY" scripts/benchmark_distributed.py --configs "$([[ $GPUS -ge 2 ]] && echo 1x1,2x1 || echo 1x1)" \
+    --repeats 2 --steps 30 --out "$OUT/distributed.json" device=cuda 2>&1 | tee -a "$LOG"
 
 stage "done"

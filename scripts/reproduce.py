@@ -3,6 +3,7 @@
     python scripts/reproduce.py maml_omniglot                          # experiments/tables/maml_omniglot.yaml, 1 seed
     python scripts/reproduce.py maml_omniglot --seeds 3 --minutes 30   # about 30 minutes of training per run
     python scripts/reproduce.py fomaml_omniglot --only 5w1s --iterations 6000 device=cuda
+    python scripts/reproduce.py maml_omniglot --nproc 4 device=cuda      # each run on 4 GPUs through torchrun
 
 Every run goes through scripts/train_maml.py (the same training code) into <out>/<cell>/seed<k>. Resumable: a run
 with results.json is skipped, a run folder without it is continued with resume=true, a missing one is started.
@@ -37,6 +38,7 @@ from meta.training.tables import (
     plot_table,
     run_action,
     select_cells,
+    train_command,
 )
 
 REPO = checkout_root()  # None for an installed wheel: it ships the table specs and this script's neighbours
@@ -52,9 +54,12 @@ schedule.add_argument("--iterations", type=int, help="training iterations of eve
 schedule.add_argument("--minutes", type=float, help="choose each cell's iterations for about M minutes of training")
 parser.add_argument("--only", nargs="+", metavar="CELL", help="run and tabulate only these cells")
 parser.add_argument("--out", help="output folder (default runs/tables/<table>)")
+parser.add_argument("--nproc", type=int, default=1,
+                    help="processes per run (default 1): N > 1 launches each run through torchrun on N processes "
+                         "of this machine (GPUs or CPU cores; the README's Scaling out)")
 args = parser.parse_args([a for a in sys.argv[1:] if a not in overrides])
-if args.seeds < 1 or any(v is not None and v <= 0 for v in (args.iterations, args.minutes)):
-    sys.exit("argument error: --seeds, --iterations and --minutes must be positive")
+if args.seeds < 1 or args.nproc < 1 or any(v is not None and v <= 0 for v in (args.iterations, args.minutes)):
+    sys.exit("argument error: --seeds, --nproc, --iterations and --minutes must be positive")
 tables = shipped_path("experiments/tables")
 table_path = Path(args.table) if args.table.endswith(".yaml") else tables / f"{args.table}.yaml"
 try:
@@ -79,7 +84,8 @@ def train(cell_args: list[str], run_dir: Path) -> None:
     if action == "skip":
         return
     resume = ["resume=true"] if action == "resume" else []
-    proc = subprocess.run([sys.executable, str(TRAIN), *cell_args, f"out_dir={run_dir}", *resume], env=env, cwd=REPO)
+    proc = subprocess.run([*train_command(TRAIN, args.nproc), *cell_args, f"out_dir={run_dir}", *resume], env=env,
+                          cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"run {run_dir} failed (exit {proc.returncode}); fix it and rerun the same command: finished "
                  f"runs are skipped, this one continues")

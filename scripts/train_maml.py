@@ -8,11 +8,14 @@ Every key of meta/training/config.py can be overridden as key=value: --help list
 defaults, allowed values and meanings, and the presets; --show-config prints the resolved config and exits.
 A comma list sweeps: seed=0,1,2 runs one run per value into out_dir/seed=0, ... and prints one summary line.
 Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json.
+Several processes, GPUs or machines: python -m torch.distributed.run --nproc_per_node N scripts/train_maml.py ...
+(one run; rank 0 writes every output; see the README's "Scaling out").
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -40,6 +43,14 @@ from meta.training.builders import (
 from meta.training.cli_help import script_help
 from meta.training.config import ConfigError, check_resume_config, load_config
 from meta.training.cuda_graph import GraphedMetaStep
+from meta.training.distributed import (
+    DistributedMetaStep,
+    check_distributable,
+    init_distributed,
+    one_line_errors,
+    rank_device,
+    torchrun_world,
+)
 from meta.training.run_log import (
     CheckpointError,
     MetricsLog,
@@ -68,6 +79,9 @@ try:
     sweep = sweep_axes(sys.argv[1:])  # seed=0,1,2 and other comma lists
 except ValueError as error:
     sys.exit(f"config error: {error}")
+if sweep and torchrun_world() > 1:
+    sys.exit("config error: a sweep (comma list) starts one run after another; under torchrun launch one run per "
+             "command, or run the sweep without torchrun")
 if sweep:  # one run per combination, each in a sibling folder (a process of this script), then one summary line
     named = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     runs = expand_sweep(sys.argv[1:], "")
@@ -91,42 +105,74 @@ except ConfigError as error:
 if "--show-config" in sys.argv[1:]:  # the resolved config of this command line; nothing runs
     print(OmegaConf.to_yaml(cfg), end="")
     sys.exit(0)
+# ---- torchrun: one run on several processes (meta/training/distributed.py); without it, dist_ctx is one process
+try:
+    wants_cuda = resolve_device(cfg.device).type == "cuda"
+except RuntimeError as error:  # device=cuda without a GPU
+    sys.exit(f"config error: {error}")
+try:
+    dist_ctx = init_distributed(cfg.dist.timeout_s, cuda=wants_cuda)
+except (ValueError, RuntimeError) as error:  # a broken torchrun environment, or no rendezvous within the timeout
+    sys.exit(f"torchrun error: {error}")
+if dist_ctx.world > 1:  # a failed collective (a rank died or hangs) prints its message, not a traceback
+    sys.excepthook = one_line_errors()
+if not dist_ctx.is_main:  # rank 0 alone prints and writes; errors still go to every rank's stderr
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+# ---- end torchrun ----
 out_dir = Path(cfg.out_dir or f"runs/{cfg.preset}-seed{cfg.seed}")
 ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
-if cfg.resume and cfg.overwrite:
-    sys.exit("config error: resume=true continues the run in out_dir and overwrite=true replaces it; pass one")
-problem = check_out_dir(out_dir)
-if problem:
-    sys.exit(f"config error: {problem}")
-resumed_state = None
-if cfg.resume:
+
+
+def open_run(cfg):
+    """Check out_dir and load the checkpoint to resume (rank 0 only): the config, the state (or None), the keys
+    changed on resume. Exits with a message on any problem."""
+    if cfg.resume and cfg.overwrite:
+        sys.exit("config error: resume=true continues the run in out_dir and overwrite=true replaces it; pass one")
+    problem = check_out_dir(out_dir)
+    if problem:
+        sys.exit(f"config error: {problem}")
+    if not cfg.resume:
+        if existing_run_files(out_dir) and not cfg.overwrite:
+            sys.exit(f"{out_dir} already holds a run ({', '.join(existing_run_files(out_dir)[:6])}); pass "
+                     f"resume=true to continue it, overwrite=true to replace it, or choose another out_dir")
+        return cfg, None, []
     if not ckpt_path.exists():
         sys.exit(f"resume=true, but there is no checkpoint at {ckpt_path}; start the run again with overwrite=true")
     try:
         resumed_state = load_checkpoint(ckpt_path)
         saved_config = resumed_state["config"]
         cfg = load_config(sys.argv[1:], base=saved_config)  # the saved run's config, with the overrides
-        changed = check_resume_config(saved_config, cfg)
+        return cfg, resumed_state, check_resume_config(saved_config, cfg)
     except (CheckpointError, ConfigError) as error:
         sys.exit(f"resume error: {error}")
-elif existing_run_files(out_dir) and not cfg.overwrite:
-    sys.exit(f"{out_dir} already holds a run ({', '.join(existing_run_files(out_dir)[:6])}); pass resume=true to "
-             f"continue it, overwrite=true to replace it, or choose another out_dir")
+
+
+opened = None
 try:
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    opened = open_run(cfg) if dist_ctx.is_main else None
+except SystemExit as stop:
+    dist_ctx.agree(str(stop.code))  # every rank ends with rank 0's message
+dist_ctx.agree(None)
+cfg, resumed_state, changed = dist_ctx.broadcast_object(opened)  # other ranks need no access to out_dir
+try:
+    device, dtype = rank_device(resolve_device(cfg.device), dist_ctx), resolve_dtype(cfg.dtype)
 except RuntimeError as error:  # device=cuda without a GPU
     sys.exit(f"config error: {error}")
+dist_ctx.agree(check_distributable(cfg, dist_ctx))
 if cfg.train.cuda_graph and device.type != "cuda":
     sys.exit(f"config error: train.cuda_graph=true needs a CUDA device, and device={cfg.device} resolved to {device}")
-print(f"preset {cfg.preset} | device {device_name(device)} | dtype {cfg.dtype} | driver {cfg.driver}")
+processes = f" | {dist_ctx.world} processes ({dist_ctx.backend})" if dist_ctx.world > 1 else ""
+print(f"preset {cfg.preset} | device {device_name(device)} | dtype {cfg.dtype} | driver {cfg.driver}{processes}")
 
 # ---- data, model, optimizer -----------------------------------------------------------------
+problem = None
 try:  # before anything is written: a run that cannot start leaves no folder behind
     samplers = build_samplers(cfg, device)
 except DataError as error:  # missing or corrupt files, an unwritable cache folder
-    sys.exit(f"data error: {error}")
+    problem = f"data error: {error}"
 except ValueError as error:  # a task shape the split cannot supply
-    sys.exit(f"task error: {error}")
+    problem = f"task error: {error}"
+dist_ctx.agree(problem)  # a failure on any rank ends every rank, with its message
 learner = build_learner(cfg, dtype, device)
 test_rule = build_inner_rule(cfg, test=True)
 try:
@@ -134,16 +180,19 @@ try:
 except ValueError as error:  # an inner.test_lr that would change nothing
     sys.exit(f"config error: {error}")
 try:
+    # every rank checks the package (the same result everywhere); only rank 0 ever appends, and so writes
     metrics = MetricsLog(out_dir / "metrics.jsonl", tensorboard=cfg.log.tensorboard)  # writes nothing yet
 except ConfigError as error:  # log.tensorboard=true without the tensorboard package
     sys.exit(f"config error: {error}")
 try:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist_ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dist_ctx.agree(None)
 except OSError as error:
-    sys.exit(f"config error: cannot create out_dir {out_dir} ({error.strerror}); choose another out_dir")
-for stale in remove_stale_temporaries(out_dir):  # left by a kill during a save
+    dist_ctx.agree(f"config error: cannot create out_dir {out_dir} ({error.strerror}); choose another out_dir")
+for stale in remove_stale_temporaries(out_dir) if dist_ctx.is_main else []:  # left by a kill during a save
     print(f"removed {stale.name}, left by an interrupted save")
-if cfg.overwrite and not cfg.resume:
+if cfg.overwrite and not cfg.resume and dist_ctx.is_main:
     removed = remove_run_files(out_dir)
     if removed:
         print(f"overwrite=true: removed the previous run's {', '.join(removed)}")
@@ -161,15 +210,18 @@ if resumed_state is not None:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
-        metrics.truncate_after(step)  # also drops a half-written last line
+        if dist_ctx.is_main:
+            metrics.truncate_after(step)  # also drops a half-written last line
     except (CheckpointError, KeyError, ValueError, RuntimeError) as error:
         sys.exit(f"resume error: {ckpt_path}: {' '.join(str(error).split())[:300]}")
     learner.auto_driver.choices.update(state["auto_choices"])  # the same strategy as before the interruption
     note = f" (changed on resume: {', '.join(changed)})" if changed else ""
     print(f"resumed from step {step}{note}")
-else:
+elif dist_ctx.is_main:
     metrics.path.unlink(missing_ok=True)
-atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+if dist_ctx.is_main:
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+dist_ctx.broadcast_(learner.parameters())  # every rank starts from rank 0's weights
 last_saved = step  # the step of the newest checkpoint: a run that diverges keeps it
 
 
@@ -177,6 +229,8 @@ def checkpoint() -> None:
     global last_saved
     check_finite()
     last_saved = step
+    if not dist_ctx.is_main:
+        return
     save_checkpoint(ckpt_path, {
         "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(), "step": step, "best": best,
@@ -201,17 +255,20 @@ def evaluate(split: str, num_tasks: int, seed: int) -> dict:
         learner, samplers[split], num_tasks=num_tasks, seed=seed, batch_size=cfg.eval.batch_size,
         inner_steps=test_steps, rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
         per_task=split == "test",  # results.json keeps each test task's accuracy (paired comparisons)
+        dist=dist_ctx,  # several processes: each evaluates its share of the batches, gathered in task order
     )
 
 
 # ---- training -------------------------------------------------------------------------------
-bar = tqdm(total=cfg.train.iterations, initial=step, disable=not cfg.progress, dynamic_ncols=True)
+bar = tqdm(total=cfg.train.iterations, initial=step, disable=not (cfg.progress and dist_ctx.is_main),
+           dynamic_ncols=True)
 tick = time.perf_counter()
 
 
 def request_stop(signum, frame) -> None:  # Ctrl-C: finish this step, save a checkpoint, exit
-    stop_requested.append(signum)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+    signals_seen.append(signum)
+    if dist_ctx.world == 1:  # (torchrun passes the terminal's Ctrl-C on as a second SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
 
 def meta_step(tasks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,11 +282,16 @@ if cfg.train.cuda_graph:  # the same step, replayed as a captured CUDA graph
         meta_step = GraphedMetaStep(learner, optimizer, driver=cfg.driver, chunk_size=cfg.train.chunk_size)
     except ValueError as error:
         sys.exit(f"config error: train.cuda_graph=true: {error}")
+signals_seen: list[int] = []  # signals this process received
+stop_requested = signals_seen  # one process stops when it receives one
+if dist_ctx.world > 1:  # several: each rank's share, gradients summed across ranks; all stop after the same step
+    meta_step = DistributedMetaStep(learner, optimizer, dist_ctx, driver=cfg.driver, chunk_size=cfg.train.chunk_size,
+                                    signals=signals_seen)
+    stop_requested = meta_step.stop_agreed
 
 first_bad_step = torch.tensor(math.inf, device=device)  # the first step with a non-finite loss or weights
 if resumed_state is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
     checkpoint()
-stop_requested: list[int] = []
 signal.signal(signal.SIGINT, request_stop)
 while step < cfg.train.iterations and not stop_requested:
     apply_schedules(cfg, learner, optimizer, step)  # meta-lr schedule and learner.set_iteration
@@ -252,7 +314,8 @@ while step < cfg.train.iterations and not stop_requested:
         record = {"step": step, "split": "train", "loss": float(window["loss"]) / window["count"],
                   "accuracy": float(window["accuracy"]) / window["count"],
                   "its_per_s": window["count"] / max(now - tick, 1e-9)}
-        metrics.append(record, learning_rate=float(optimizer.param_groups[0]["lr"]))
+        if dist_ctx.is_main:
+            metrics.append(record, learning_rate=float(optimizer.param_groups[0]["lr"]))
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}%")
         window = {"loss": 0.0, "accuracy": 0.0, "count": 0}
         tick = time.perf_counter()
@@ -260,14 +323,16 @@ while step < cfg.train.iterations and not stop_requested:
     if step % cfg.train.val_every == 0 or step == cfg.train.iterations:
         check_finite()
         val = evaluate("val", cfg.train.val_tasks, seed=cfg.eval.seed + 1)
-        metrics.append({"step": step, "split": "val", **val})
+        if dist_ctx.is_main:
+            metrics.append({"step": step, "split": "val", **val})
         if not math.isfinite(val["loss"]):  # the weights are finite, but test-time adaptation diverges
             bar.write(f"warning: step {step}: the validation loss is not finite (logged as null): the test-time "
                       f"inner loop diverges; inner.test_lr or inner.lr is likely too large")
         if val["accuracy"] > best["accuracy"]:
             best = {"accuracy": val["accuracy"], "step": step}
-            save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
-                                        "step": step, "val": val})
+            if dist_ctx.is_main:
+                save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
+                                            "step": step, "val": val})
         bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
                   f"(best {best['accuracy']:.2f})")
         tick = time.perf_counter()
@@ -281,17 +346,22 @@ if stop_requested:
 bar.close()
 
 # ---- test -----------------------------------------------------------------------------------
-if cfg.eval.checkpoint == "best" and best_path.exists():
-    learner.load_state_dict(load_checkpoint(best_path, map_location=device)["learner"])
+if cfg.eval.checkpoint == "best" and dist_ctx.broadcast_object(best_path.exists()):  # rank 0's folder
+    if dist_ctx.is_main:
+        learner.load_state_dict(load_checkpoint(best_path, map_location=device)["learner"])
+    dist_ctx.broadcast_([*learner.parameters(), *learner.buffers()])
     chosen = f"best validation (step {best['step']})"
 else:
     chosen = f"last (step {step})"
 start = time.perf_counter()
 test = evaluate("test", cfg.eval.tasks, seed=cfg.eval.seed)
+dist_ctx.close()
+if not dist_ctx.is_main:
+    sys.exit(0)
 results = {
     "test": test, "checkpoint": chosen, "best_val": best, **run_metadata(cfg, device),
     "train_wall_time_s": train_seconds, "test_wall_time_s": time.perf_counter() - start,
-    "command": " ".join(["python", *sys.argv]),
+    "command": " ".join(["python", *sys.argv]), "processes": dist_ctx.world,
 }
 atomic_write_text(out_dir / "results.json", to_json(results, indent=2))
 metrics.close()

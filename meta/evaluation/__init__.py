@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from meta.data import TaskSampler, evaluation_tasks
 from meta.learner import MetaLearner
 from meta.rules import InnerRule
+
+if TYPE_CHECKING:
+    from meta.training.distributed import DistContext
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -35,16 +38,27 @@ def evaluate_learner(
     device: torch.device | str = "cpu",
     chunk_size: int | None = None,
     per_task: bool = False,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
     """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``; with ``per_task``,
-    also ``task_accuracies``: each task's accuracy in percent, in the task set's order (for paired comparisons)."""
+    also ``task_accuracies``: each task's accuracy in percent, in the task set's order (for paired comparisons).
+
+    With ``dist`` (several ranks), every rank draws the same task set and evaluates every ``world``-th batch of it;
+    the per-task results are gathered in task order, so every rank returns what one process would, exactly."""
     losses, accuracies = [], []
-    for batch in evaluation_tasks(sampler, num_tasks=num_tasks, seed=seed, batch_size=batch_size):
+    world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
+    for i, batch in enumerate(evaluation_tasks(sampler, num_tasks=num_tasks, seed=seed, batch_size=batch_size)):
+        if i % world != rank:  # another rank's batch (the same batches as on one process: the same numbers)
+            continue
         batch = batch.to(device)
         tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
         loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
         losses.append(loss)
         accuracies.append(accuracy)
+    if world > 1:  # batch i is rank i % world's (i // world)-th: interleave the gathered lists back into order
+        parts = dist.all_gather_object([(lo.cpu(), ac.cpu()) for lo, ac in zip(losses, accuracies)])
+        ordered = [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
+        losses, accuracies = [lo for lo, _ in ordered], [ac for _, ac in ordered]
     per_task_accuracy = torch.cat(accuracies).double() * 100
     accuracy, ci95 = mean_ci95(per_task_accuracy)
     result = {"accuracy": accuracy, "ci95": ci95, "loss": torch.cat(losses).mean().item(), "tasks": num_tasks}

@@ -151,6 +151,15 @@ class LogConfig:
 
 
 @dataclass
+class DistConfig:
+    """Runs launched by torchrun on several processes (meta/training/distributed.py); ignored on one process."""
+
+    # seconds a rank waits in a collective (and at start-up) for the others before it fails: a rank that died or
+    # hangs ends the run within about this time (torchrun itself stops the others at once when one exits)
+    timeout_s: float = 300.0
+
+
+@dataclass
 class ReferenceConfig:
     accuracy: float | None = None  # the paper's number, in percent
     ci95: float | None = None  # the paper's ± (95% interval), in percent
@@ -184,6 +193,7 @@ class Config:
     imaml: IMAMLConfig = field(default_factory=IMAMLConfig)
     log: LogConfig = field(default_factory=LogConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -207,7 +217,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
             "train.lr_step_every", "train.lr_step_factor",
             "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
-            "data.image_size", "model.norm_eps")
+            "data.image_size", "model.norm_eps", "dist.timeout_s")
 
 
 def available_presets() -> list[str]:
@@ -221,7 +231,7 @@ def available_presets() -> list[str]:
 RESUME_SAFE_KEYS = (
     "out_dir", "resume", "overwrite", "progress", "device", "data.root", "data.cache_dir", "data.download",
     "train.iterations", "train.log_every", "train.val_every", "train.checkpoint_every",
-    "eval.tasks", "eval.batch_size", "eval.checkpoint", "log.tensorboard",
+    "eval.tasks", "eval.batch_size", "eval.checkpoint", "log.tensorboard", "dist.timeout_s",
 )
 #: Keys scripts/evaluate.py can apply to a saved run: where data and outputs are, the device, the test tasks and
 #: test-time adaptation. Everything else defines how the run was trained and cannot change afterwards.
@@ -459,4 +469,5 @@ def config_hash(cfg: DictConfig) -> str:
         data.pop(key, None)
     data["data"].pop("root", None)
     data["data"].pop("cache_dir", None)
+    data.pop("dist", None)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(data)).encode()).hexdigest()[:12]

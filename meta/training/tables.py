@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from meta.training.config import CONFIG_DIR, ConfigError, available_presets, loa
 PM_KINDS = ("task_ci95", "seed_std", "unstated", "none")
 #: config keys that never change what a run measures: run control, paths, the seed (seeds are the table's axis), and
 #: the paper's number the run is shown next to (``reference.*``: a cell may name another row of the same preset)
-IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", "data.cache_dir", "preset")
+IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", "data.cache_dir", "preset",
+                "dist.timeout_s", "log.tensorboard")
 IGNORED_PREFIXES = ("reference.",)
 #: --minutes: a short timed run per cell; its first log window (the auto driver's choice, warm-up) is dropped
 PROBE_ITERATIONS, PROBE_LOG_EVERY = 12, 4
@@ -150,6 +152,15 @@ def check_cells(spec: TableSpec, cells: list[Cell], extra: list[str]) -> None:
             load_config([f"preset={cell.preset}", *cell.overrides, *extra])
         except ConfigError as error:
             raise TableError(f"table {spec.name}, cell {cell.name}: {error}") from None
+
+
+def train_command(script: Path, nproc: int = 1) -> list[str]:
+    """The command that starts ``script`` (scripts/train_maml.py): plainly on one process, or through torchrun
+    (``python -m torch.distributed.run --standalone``) on ``nproc`` processes of this machine, one run."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be positive, got {nproc}")
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *runner, str(script)]
 
 
 def run_action(run_dir: Path) -> str:
