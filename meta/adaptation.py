@@ -12,8 +12,8 @@ from torch.func import grad
 
 from meta.models.functional import autograd_grads
 from meta.rules.base import InnerRule
+from meta.types import Params, Task
 
-Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -136,10 +136,7 @@ def task_loss(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
+    task: Task,
     *,
     forward: Forward,
     rule: InnerRule,
@@ -149,7 +146,7 @@ def task_loss(
     batch_size: int | None = None,
     inner_reduction: str = "mean",
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Params]]:
-    """Query loss of one task after adapting on its support set (in mini-batches of ``batch_size``, if given).
+    """Query loss of one ``task`` after adapting on its support set (in mini-batches of ``batch_size``, if given).
 
     The inner (support) loss reduces by ``inner_reduction`` (:data:`INNER_LOSS_REDUCTIONS`); the query loss is
     always ``loss_fn``, a mean.
@@ -162,6 +159,7 @@ def task_loss(
     Returns ``(loss, (accuracy, adapted_params))`` so it can be wrapped by
     ``torch.func.grad(..., has_aux=True)``.
     """
+    support_x, support_y, query_x, query_y = task
     if step_weights is not None and step_weights.shape != (steps,):
         raise ValueError(f"step_weights must have shape ({steps},), got {tuple(step_weights.shape)}")
 

@@ -1,7 +1,7 @@
 """Drivers: run the per-task function over a batch of tasks.
 
-Every driver takes ``task_fn(params, rule_params, buffers, sx, sy, qx, qy) ->
-(loss, (accuracy, adapted))`` and task tensors shaped ``[tasks, n*k, ...]``, and
+Every driver takes ``task_fn(params, rule_params, buffers, task) -> (loss, (accuracy, adapted))`` and a
+:class:`meta.types.Task` batch (tensors shaped ``[tasks, n*k, ...]``), and
 returns the same :class:`TaskBatchResult`. The meta-gradient is that of the
 mean query loss over tasks.
 """
@@ -20,8 +20,8 @@ from torch.func import grad_and_value
 from meta.adaptation import autograd_inner_gradients
 from meta.models.functional import autograd_grads, detached
 from meta.models.networks import conv_impl
+from meta.types import Params, Task
 
-Params = dict[str, torch.Tensor]
 TaskFn = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, Params]]]
 
 
@@ -35,8 +35,8 @@ class TaskBatchResult(NamedTuple):
     adapted: Params  # [tasks, ...] per-task adapted parameters
 
 
-#: vmap over the task dimension of the four task tensors; parameters, rule parameters and buffers are shared.
-TASK_IN_DIMS = (None, None, None, 0, 0, 0, 0)
+#: vmap over the task dimension of the task batch; parameters, rule parameters and buffers are shared.
+TASK_IN_DIMS = (None, None, None, 0)
 
 
 def _stack(trees: list[Params]) -> Params:
@@ -52,7 +52,7 @@ def vmap_driver(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
     """``torch.func.grad`` of the per-task function inside ``torch.vmap`` over tasks.
@@ -64,7 +64,7 @@ def vmap_driver(
         in_dims=TASK_IN_DIMS,
         chunk_size=chunk_size,
     )
-    (g_params, g_rule), (loss, (accuracy, adapted)) = per_task(params, rule_params, buffers, *tasks)
+    (g_params, g_rule), (loss, (accuracy, adapted)) = per_task(params, rule_params, buffers, tasks)
     return TaskBatchResult(loss, accuracy, _mean_over_tasks(g_params), _mean_over_tasks(g_rule), adapted)
 
 
@@ -73,12 +73,12 @@ def loop_driver(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
     """The reference: an explicit Python for-loop over tasks calling the same function."""
     per_task = grad_and_value(task_fn, argnums=(0, 1), has_aux=True)
-    results = [per_task(params, rule_params, buffers, *(t[i] for t in tasks)) for i in range(len(tasks[0]))]
+    results = [per_task(params, rule_params, buffers, tasks.select(i)) for i in range(tasks.num_tasks)]
     g_params = _stack([r[0][0] for r in results])
     g_rule = _stack([r[0][1] for r in results])
     loss = torch.stack([r[1][0] for r in results])
@@ -96,7 +96,7 @@ def vmap_autograd_driver(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
     """The functorch-example shape: ``vmap`` of the per-task function (inner ``torch.func.grad``), then one
@@ -105,7 +105,7 @@ def vmap_autograd_driver(
     leaves, rule_leaves = _leaves(params), _leaves(rule_params)
     with torch.enable_grad():
         per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
-        loss, (accuracy, adapted) = per_task(leaves, rule_leaves, buffers, *tasks)
+        loss, (accuracy, adapted) = per_task(leaves, rule_leaves, buffers, tasks)
         g_params, g_rule = autograd_grads(loss.mean(), (leaves, rule_leaves))
     return TaskBatchResult(loss.detach(), accuracy.detach(), g_params, g_rule, detached(adapted))
 
@@ -115,17 +115,17 @@ def loop_autograd_driver(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
     """learn2learn's shape: a Python loop over tasks, plain autograd for the inner gradients and for one backward
     per task (memory of one task)."""
     leaves, rule_leaves = _leaves(params), _leaves(rule_params)
-    num_tasks = len(tasks[0])
+    num_tasks = tasks.num_tasks
     losses, accuracies, adapted, g_params, g_rule = [], [], [], None, None
     for i in range(num_tasks):
         with torch.enable_grad(), autograd_inner_gradients():
-            loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, *(t[i] for t in tasks))
+            loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, tasks.select(i))
             gp, gr = autograd_grads(loss / num_tasks, (leaves, rule_leaves))
         g_params = gp if g_params is None else {k: g_params[k] + gp[k] for k in gp}
         g_rule = gr if g_rule is None else {k: g_rule[k] + gr[k] for k in gr}
@@ -146,16 +146,16 @@ def threaded(driver: Callable[..., TaskBatchResult], name: str) -> Callable[...,
         params: Params,
         rule_params: Params,
         buffers: Params,
-        tasks: tuple[torch.Tensor, ...],
+        tasks: Task,
         chunk_size: int | None = None,
         workers: int | None = None,
     ) -> TaskBatchResult:
-        num_tasks = len(tasks[0])
+        num_tasks = tasks.num_tasks
         workers = max(1, min(workers or torch.get_num_threads(), num_tasks))
         shares = [torch.arange(num_tasks)[w::workers] for w in range(workers)]  # task i goes to worker i % workers
 
         def run(share: torch.Tensor) -> TaskBatchResult:
-            return driver(task_fn, params, rule_params, buffers, tuple(t[share] for t in tasks), chunk_size)
+            return driver(task_fn, params, rule_params, buffers, tasks.select(share), chunk_size)
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # new threads take this count; restored below
@@ -196,12 +196,12 @@ def map_vmap_driver(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
     """``torch.vmap`` of the per-task function over tasks, then the mean of its per-task directions."""
     loss, accuracy, grads, adapted = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)(
-        params, rule_params, buffers, *tasks
+        params, rule_params, buffers, tasks
     )
     return TaskBatchResult(loss, accuracy, _mean_over_tasks(grads), {}, adapted)
 
@@ -211,11 +211,11 @@ def map_loop_driver(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> TaskBatchResult:
     """The reference: a Python for-loop over tasks calling the same per-task function."""
-    rows = [task_fn(params, rule_params, buffers, *(t[i] for t in tasks)) for i in range(len(tasks[0]))]
+    rows = [task_fn(params, rule_params, buffers, tasks.select(i)) for i in range(tasks.num_tasks)]
     loss, accuracy = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
     grads, adapted = _stack([r[2] for r in rows]), _stack([r[3] for r in rows])
     return TaskBatchResult(loss, accuracy, _mean_over_tasks(grads), {}, adapted)
@@ -226,12 +226,12 @@ def vmap_forward(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    tasks: tuple[torch.Tensor, ...],
+    tasks: Task,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query loss and accuracy without a meta-gradient (evaluation)."""
     per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
-    loss, (accuracy, _) = per_task(params, rule_params, buffers, *tasks)
+    loss, (accuracy, _) = per_task(params, rule_params, buffers, tasks)
     return loss, accuracy
 
 
@@ -271,7 +271,7 @@ class AutoDriver:
         self.choices: dict[tuple, str] = {}
 
     @staticmethod
-    def _signature(task_fn: TaskFn, tasks: tuple[torch.Tensor, ...], chunk_size: int | None) -> tuple:
+    def _signature(task_fn: TaskFn, tasks: Task, chunk_size: int | None) -> tuple:
         keywords = getattr(task_fn, "keywords", {})
         rule = keywords.get("rule")
         return (tuple(tuple(t.shape) for t in tasks), tasks[0].dtype, tasks[0].device.type, chunk_size,
@@ -288,7 +288,7 @@ class AutoDriver:
         params: Params,
         rule_params: Params,
         buffers: Params,
-        tasks: tuple[torch.Tensor, ...],
+        tasks: Task,
         chunk_size: int | None = None,
     ) -> TaskBatchResult:
         args = (task_fn, params, rule_params, buffers, tasks, chunk_size)

@@ -15,31 +15,14 @@ from meta.models.functional import buffers_of, detached, functional_forward, par
 from meta.models.norms import find_fused_norms
 from meta.per_sample import _check_no_batch_statistics
 from meta.rules.base import InnerRule
+from meta.types import Params, Task, as_task_batch
 
-Params = dict[str, torch.Tensor]
-Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: what ``meta_gradient`` and ``evaluate`` accept: a :class:`Task` batch, or any 4-tuple of its tensors
+Tasks = Task | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class FusedNormError(ValueError):
     """A fused norm layer would give wrong second-order meta-gradients under vmap."""
-
-
-def check_tasks(tasks: Tasks) -> Tasks:
-    """``tasks`` as a tuple, after checking it is ``(support_x, support_y, query_x, query_y)`` with a leading task
-    dimension, ``[tasks, examples, ...]`` images and ``[tasks, examples]`` integer labels (no device sync)."""
-    tasks = tuple(tasks)
-    if len(tasks) != 4:
-        raise ValueError(f"tasks must be (support_x, support_y, query_x, query_y), got {len(tasks)} tensors")
-    sx, sy, qx, qy = tasks
-    for name, labels in (("support_y", sy), ("query_y", qy)):
-        if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"{name} must be integer class labels shaped [tasks, examples], got {labels.dtype} "
-                             f"{tuple(labels.shape)} (one task needs a leading task dimension of 1)")
-    if sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape or sx.shape[0] != qx.shape[0]:
-        raise ValueError(f"task tensors disagree: support_x {tuple(sx.shape)}, support_y {tuple(sy.shape)}, "
-                         f"query_x {tuple(qx.shape)}, query_y {tuple(qy.shape)}; expected [tasks, examples, ...] "
-                         f"images with [tasks, examples] labels and the same number of tasks in all four")
-    return tasks
 
 
 def _to_key(name: str) -> str:
@@ -147,7 +130,7 @@ class MetaLearner(nn.Module):
         ``tasks`` is ``(support_x, support_y, query_x, query_y)``, each shaped ``[tasks, n*k, ...]``.
         """
         self._check_driver(driver, second_order=not self.rule.first_order and self.inner_steps > 0)
-        tasks = check_tasks(tasks)
+        tasks = as_task_batch(tasks)
         params, rule_params, buffers = self._detached_state()
         task_fn = self.task_fn(step_weights=self.step_weights)
         run = self.auto_driver if driver == "auto" else self.drivers[driver]
@@ -186,5 +169,5 @@ class MetaLearner(nn.Module):
         ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
         """
         params, rule_params, buffers = self._detached_state()
-        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, check_tasks(tasks),
+        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, as_task_batch(tasks),
                             chunk_size)

@@ -14,11 +14,11 @@ import torch
 from torch.func import grad, jvp
 
 from meta.drivers import UNTHREADED_MAP_AUTO_CANDIDATES, UNTHREADED_MAP_DRIVERS, AutoDriver, TaskBatchResult
-from meta.learner import MetaLearner, Tasks, check_tasks
+from meta.learner import MetaLearner, Tasks
 from meta.models.functional import functional_forward
 from meta.rules.base import InnerRule
+from meta.types import Params, Task, as_task_batch
 
-Params = dict[str, torch.Tensor]
 Objective = Callable[[Params], torch.Tensor]
 
 
@@ -105,7 +105,9 @@ class IMAML(MetaLearner):
         steps = self.inner_steps if inner_steps is None else inner_steps
         rule = self.rule if rule is None else rule
 
-        def fn(params, rule_params, buffers, sx, sy, qx, qy):
+        def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+            sx, sy, qx, qy = task
+
             def support_loss(p: Params) -> torch.Tensor:
                 return loss_fn(forward(p, buffers, sx), sy)
 
@@ -125,7 +127,7 @@ class IMAML(MetaLearner):
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
         """Per-task proximal adaptation and implicit gradients on ``driver``, averaged over tasks."""
         self._check_driver(driver, second_order=True)
-        tasks = check_tasks(tasks)
+        tasks = as_task_batch(tasks)
         params, rule_params, buffers = self._detached_state()
         run = self.auto_driver if driver == "auto" else self.drivers[driver]
         return run(self._task(None, None, with_grad=True, lam=self.lam), params, rule_params, buffers, tasks,

@@ -13,8 +13,7 @@ from meta.adaptation import LossFn
 from meta.learner import MetaLearner
 from meta.rules.base import InnerRule
 from meta.rules.sgd import sgd
-
-Params = dict[str, torch.Tensor]
+from meta.types import Params, Task
 
 
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
@@ -56,7 +55,8 @@ class ProtoNet(MetaLearner):
         """Per-task ``(query loss, (accuracy, {}))`` of the prototype classifier."""
         embedder, loss_fn, ways = _Embedder(self.model), self.loss_fn, self.ways
 
-        def fn(params, rule_params, buffers, sx, sy, qx, qy):
+        def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+            sx, sy, qx, qy = task
             prefixed = ({f"model.{k}": v for k, v in params.items()}, {f"model.{k}": v for k, v in buffers.items()})
             embedded = functional_call(embedder, prefixed, (torch.cat([sx, qx]),))
             logits = prototype_logits(embedded[: len(sx)], sy, embedded[len(sx):], ways)

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 
 from meta.drivers import MAP_AUTO_CANDIDATES, MAP_DRIVERS, AutoDriver, TaskBatchResult
-from meta.learner import MetaLearner, Tasks, check_tasks
+from meta.learner import MetaLearner, Tasks
+from meta.types import Params, Task, as_task_batch
 
 
 class Reptile(MetaLearner):
@@ -34,8 +35,8 @@ class Reptile(MetaLearner):
         """Per-task ``(query loss, accuracy, initial - adapted, adapted)``: the task's share of the Reptile step."""
         task_fn = self.task_fn()
 
-        def fn(params, rule_params, buffers, sx, sy, qx, qy):
-            loss, (accuracy, adapted) = task_fn(params, rule_params, buffers, sx, sy, qx, qy)
+        def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+            loss, (accuracy, adapted) = task_fn(params, rule_params, buffers, task)
             return loss, accuracy, {k: params[k] - adapted[k] for k in params}, adapted
 
         return fn
@@ -44,7 +45,7 @@ class Reptile(MetaLearner):
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
         """Adapt every task on ``driver`` and form the Reptile direction ``initial - mean_tasks(adapted)``."""
         self._check_driver(driver, second_order=False)
-        tasks = check_tasks(tasks)
+        tasks = as_task_batch(tasks)
         params, rule_params, buffers = self._detached_state()
         run = self.auto_driver if driver == "auto" else self.drivers[driver]
         return run(self.direction_fn(), params, rule_params, buffers, tasks, chunk_size)

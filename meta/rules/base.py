@@ -30,9 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from meta.types import Params
 
-Params = dict[str, torch.Tensor]
 State = Any
 
 

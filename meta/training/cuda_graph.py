@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from meta.learner import MetaLearner
-
-Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+from meta.learner import MetaLearner, Tasks
 
 #: drivers whose work can be captured (``loop_threads`` runs on CPU threads)
 GRAPHABLE_DRIVERS = ("auto", "vmap", "vmap_autograd", "loop", "loop_autograd")
