@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
@@ -16,8 +14,6 @@ from meta.types import Params, Task
 
 Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_AUTOGRAD_INNER = contextvars.ContextVar("autograd_inner_gradients", default=False)
 
 #: How the inner (support) loss reduces its per-example losses: ``mean``, or ``sum_over_shots``, the sum divided
 #: by the shots K, as cbfinn/maml's ``xent`` (utils.py:L56-L58 divides the per-example cross-entropy by
@@ -35,18 +31,6 @@ def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> flo
     if reduction == "sum_over_shots":
         return ways * batch / support
     raise ValueError(f"unknown inner loss reduction {reduction!r}; choose one of {INNER_LOSS_REDUCTIONS}")
-
-
-@contextlib.contextmanager
-def autograd_inner_gradients() -> Iterator[None]:
-    """Inside this block, inner gradients come from ``torch.autograd.grad`` (``create_graph`` unless the rule is
-    first order) instead of ``torch.func.grad``: the same numbers with less overhead, for per-task loops that are
-    differentiated by plain autograd. Not for code under ``torch.vmap`` or ``torch.func`` transforms."""
-    token = _AUTOGRAD_INNER.set(True)
-    try:
-        yield
-    finally:
-        _AUTOGRAD_INNER.reset(token)
 
 
 def support_batch(x: torch.Tensor, step: int, batch_size: int | None) -> torch.Tensor:
@@ -74,6 +58,7 @@ def adapt_steps(
     loss_fn: LossFn = F.cross_entropy,
     batch_size: int | None = None,
     reduction: str = "mean",
+    autograd_inner: bool = False,
 ) -> Iterator[Params]:
     """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
 
@@ -83,6 +68,9 @@ def adapt_steps(
     scales the mean support loss ``loss_fn`` by :func:`inner_loss_scale` (the ways are the logits' last
     dimension); per-sample gradients get the same factor, so that their mean, which the per-sample rules
     average, is the gradient of the reduced loss (and a clipping bound applies to the scaled gradients).
+    ``autograd_inner``: inner gradients from ``torch.autograd.grad`` (``create_graph`` unless the rule is first
+    order) instead of ``torch.func.grad``, the same numbers with less overhead for per-task loops differentiated by
+    plain autograd (the ``loop_autograd`` driver); never under ``torch.vmap`` or ``torch.func`` transforms.
     """
     fast = {k: v for k, v in params.items() if rule.adapts(k)}
     frozen = {k: v for k, v in params.items() if k not in fast}
@@ -103,7 +91,7 @@ def adapt_steps(
         n = x.shape[0]
         if rule.per_sample:
             grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi, n)), in_dims=(None, 0, 0))(fast, x, y)
-        elif _AUTOGRAD_INNER.get():
+        elif autograd_inner:
             (grads,) = autograd_grads(support_loss(fast, i, x, y, n), (fast,), create_graph=not rule.first_order)
         else:
             grads = grad(support_loss)(fast, i, x, y, n)
@@ -145,11 +133,12 @@ def task_loss(
     step_weights: torch.Tensor | None = None,
     batch_size: int | None = None,
     inner_reduction: str = "mean",
+    autograd_inner: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Params]]:
     """Query loss of one ``task`` after adapting on its support set (in mini-batches of ``batch_size``, if given).
 
     The inner (support) loss reduces by ``inner_reduction`` (:data:`INNER_LOSS_REDUCTIONS`); the query loss is
-    always ``loss_fn``, a mean.
+    always ``loss_fn``, a mean. ``autograd_inner``: see :func:`adapt_steps`.
 
     With ``step_weights`` (shape ``[steps]``, the multi-step loss of MAML++) the
     loss is ``sum_i step_weights[i] * query_loss(after step i)``; accuracy is
@@ -169,7 +158,7 @@ def task_loss(
     adapted, loss = params, 0.0
     for i, adapted in enumerate(
         adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn, batch_size,
-                    inner_reduction)
+                    inner_reduction, autograd_inner)
     ):
         if step_weights is not None and i < steps - 1:
             loss = loss + step_weights[i] * loss_fn(query(adapted, i), query_y)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meta.adaptation import LossFn, task_loss
-from meta.drivers import DRIVERS, VECTORIZED_DRIVERS, AutoDriver, TaskBatchResult, vmap_forward
+from meta.drivers import VECTORIZED_DRIVERS, Driver, Problem, TaskBatchResult, drivers_of, vmap_forward
+from meta.drivers.auto import AutoDriver
 from meta.models.functional import buffers_of, detached, functional_forward, parameters_of
 from meta.models.norms import find_fused_norms
 from meta.per_sample import _check_no_batch_statistics
@@ -42,9 +43,10 @@ class MetaLearner(nn.Module):
     model's parameters and the rule's parameters (``learner.rule_params``).
     """
 
-    #: the drivers this learner's outer strategy runs on (``auto`` chooses among them); subclasses whose outer
-    #: strategy has no meta-backward pass use :data:`meta.drivers.MAP_DRIVERS`
-    drivers: dict[str, Callable[..., TaskBatchResult]] = DRIVERS
+    #: how the outer strategy gets its per-task direction: its row of :data:`meta.drivers.DRIVERS`
+    outer_kind: str = "backprop"
+    #: drivers of that row this learner refuses, with the reason
+    refused_drivers: dict[str, str] = {}
 
     def __init__(
         self,
@@ -74,15 +76,31 @@ class MetaLearner(nn.Module):
         )
         self._fused_norms = find_fused_norms(model)
         #: the ``auto`` driver, with its cached per-setting choices
-        self.auto_driver = self._make_auto_driver()
+        self.auto_driver = AutoDriver()
 
-    def _make_auto_driver(self) -> AutoDriver:
-        return AutoDriver()
+    @classmethod
+    def drivers(cls) -> dict[str, Driver]:
+        """The drivers this learner runs on, by name (``auto`` chooses among them)."""
+        return drivers_of(cls.outer_kind, tuple(cls.refused_drivers))
 
     @classmethod
     def supported_drivers(cls) -> tuple[str, ...]:
-        """The driver names this learner accepts: its driver table and ``auto``."""
-        return (*cls.drivers, "auto")
+        """The driver names this learner accepts: its drivers and ``auto``."""
+        return (*cls.drivers(), "auto")
+
+    def describe(self) -> str:
+        """The work one meta-gradient does, beyond the task shapes: what the ``auto`` driver keys its choice on
+        (the outer kind first, which names its candidates)."""
+        return (f"{self.outer_kind} {type(self).__name__} rule={self.rule.name} steps={self.inner_steps} "
+                f"batch={self.inner_batch_size}")
+
+    def run_driver(self, task_fn: Callable, tasks: Task, driver: str, chunk_size: int | None) -> TaskBatchResult:
+        """``task_fn`` over ``tasks`` on ``driver`` (a name of :meth:`supported_drivers`) with this learner's
+        detached state."""
+        problem = Problem(task_fn, *self._detached_state(), tasks, chunk_size)
+        if driver == "auto":
+            return self.auto_driver(problem, self.describe(), self.drivers())
+        return self.drivers()[driver](problem)
 
     def functional_state(self) -> tuple[Params, Params, Params]:
         """``(params, rule_params, buffers)`` as name -> tensor dicts."""
@@ -114,7 +132,8 @@ class MetaLearner(nn.Module):
 
     def _check_driver(self, driver: str, second_order: bool) -> None:
         if driver not in self.supported_drivers():
-            raise ValueError(f"unknown driver {driver!r} for {type(self).__name__}; choose one of "
+            reason = f" ({self.refused_drivers[driver]})" if driver in self.refused_drivers else ""
+            raise ValueError(f"unknown driver {driver!r} for {type(self).__name__}{reason}; choose one of "
                              f"{sorted(self.supported_drivers())}")
         if driver in VECTORIZED_DRIVERS and second_order and self._fused_norms:
             layers = ", ".join(f"{path} ({kind})" for path, kind in self._fused_norms)
@@ -130,11 +149,8 @@ class MetaLearner(nn.Module):
         ``tasks`` is ``(support_x, support_y, query_x, query_y)``, each shaped ``[tasks, n*k, ...]``.
         """
         self._check_driver(driver, second_order=not self.rule.first_order and self.inner_steps > 0)
-        tasks = as_task_batch(tasks)
-        params, rule_params, buffers = self._detached_state()
-        task_fn = self.task_fn(step_weights=self.step_weights)
-        run = self.auto_driver if driver == "auto" else self.drivers[driver]
-        return run(task_fn, params, rule_params, buffers, tasks, chunk_size)
+        return self.run_driver(self.task_fn(step_weights=self.step_weights), as_task_batch(tasks), driver,
+                               chunk_size)
 
     def write_grads(self, result: TaskBatchResult) -> None:
         """Store a result's meta-gradients in ``.grad`` of the model and rule parameters (copied into the
@@ -168,6 +184,5 @@ class MetaLearner(nn.Module):
 
         ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
         """
-        params, rule_params, buffers = self._detached_state()
-        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, as_task_batch(tasks),
-                            chunk_size)
+        return vmap_forward(Problem(self.task_fn(inner_steps, rule), *self._detached_state(), as_task_batch(tasks),
+                                    chunk_size))

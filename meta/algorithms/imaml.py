@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, jvp
 
-from meta.drivers import UNTHREADED_MAP_AUTO_CANDIDATES, UNTHREADED_MAP_DRIVERS, AutoDriver, TaskBatchResult
+from meta.drivers import Direction, TaskBatchResult
 from meta.learner import MetaLearner, Tasks
 from meta.models.functional import functional_forward
 from meta.rules.base import InnerRule
@@ -81,10 +81,12 @@ class IMAML(MetaLearner):
     """iMAML on the shared core: same interface as :class:`MetaLearner`. ``evaluate`` adapts with the
     proximal term ``test_lam`` (default ``lam``; the official code measures accuracy with 0).
     The rule adapts every parameter and must have no learnable parameters. Nothing is backpropagated through
-    the inner loop, so it runs on :data:`meta.drivers.UNTHREADED_MAP_DRIVERS` (``vmap``, ``loop``, ``auto``;
+    the inner loop, so it runs on the ``direction`` row of :data:`meta.drivers.DRIVERS` (``vmap``, ``loop``, ``auto``;
     its Hessian-vector products use forward-mode AD, which cannot run on several threads at once)."""
 
-    drivers = UNTHREADED_MAP_DRIVERS
+    outer_kind = "direction"
+    refused_drivers = {"loop_threads": "its Hessian-vector products use forward-mode AD (torch.func.jvp), whose "
+                                       "dual level is process-global, so two threads running it break it"}
 
     def __init__(self, *args, lam: float = 2.0, cg_steps: int = 5, test_lam: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -92,9 +94,6 @@ class IMAML(MetaLearner):
             raise ValueError(f"iMAML cannot train the rule parameters of {self.rule.name}; use a rule without any")
         self.lam, self.cg_steps = lam, cg_steps
         self.test_lam = lam if test_lam is None else test_lam
-
-    def _make_auto_driver(self) -> AutoDriver:
-        return AutoDriver(drivers=UNTHREADED_MAP_DRIVERS, candidates=UNTHREADED_MAP_AUTO_CANDIDATES)
 
     def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights=None) -> Callable:
         """Per-task ``(query loss, (accuracy, phi))`` after the test-time proximal solve (no meta-gradient)."""
@@ -119,7 +118,8 @@ class IMAML(MetaLearner):
             loss, accuracy = loss_fn(logits, qy), (logits.argmax(-1) == qy).to(logits.dtype).mean()
             if not with_grad:
                 return loss, (accuracy, phi)
-            return loss, accuracy, implicit_meta_grad(support_loss, query_loss, phi, lam, self.cg_steps), phi
+            return Direction(loss, accuracy, implicit_meta_grad(support_loss, query_loss, phi, lam, self.cg_steps), {},
+                             phi)
 
         return fn
 
@@ -127,8 +127,5 @@ class IMAML(MetaLearner):
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
         """Per-task proximal adaptation and implicit gradients on ``driver``, averaged over tasks."""
         self._check_driver(driver, second_order=True)
-        tasks = as_task_batch(tasks)
-        params, rule_params, buffers = self._detached_state()
-        run = self.auto_driver if driver == "auto" else self.drivers[driver]
-        return run(self._task(None, None, with_grad=True, lam=self.lam), params, rule_params, buffers, tasks,
-                   chunk_size)
+        return self.run_driver(self._task(None, None, with_grad=True, lam=self.lam), as_task_batch(tasks), driver,
+                               chunk_size)

@@ -55,7 +55,7 @@ class ProtoNet(MetaLearner):
         """Per-task ``(query loss, (accuracy, {}))`` of the prototype classifier."""
         embedder, loss_fn, ways = _Embedder(self.model), self.loss_fn, self.ways
 
-        def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+        def fn(params: Params, rule_params: Params, buffers: Params, task: Task, autograd_inner: bool = False):
             sx, sy, qx, qy = task
             prefixed = ({f"model.{k}": v for k, v in params.items()}, {f"model.{k}": v for k, v in buffers.items()})
             embedded = functional_call(embedder, prefixed, (torch.cat([sx, qx]),))
