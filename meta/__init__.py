@@ -5,7 +5,8 @@ from meta.drivers import DRIVERS, TaskBatchResult, loop_driver, vmap_driver
 from meta.learner import FusedNormError, MetaLearner
 from meta.models import MLP, Conv4, TaskBatchNorm, build_model
 from meta.per_sample import per_sample_grads, per_sample_grads_loop
-from meta.rules import RULES, InnerRule, build_rule, first_order, masked, register_rule, sgd
+from meta.rules import RULES, InnerRule, apply_updates, build_rule, chain, first_order, masked, register_rule, sgd
+from meta.types import Params, Task
 
 __version__ = "0.1.0"
 
@@ -17,11 +18,15 @@ __all__ = [
     "FusedNormError",
     "InnerRule",
     "MetaLearner",
+    "Params",
+    "Task",
     "TaskBatchNorm",
     "TaskBatchResult",
     "adapt",
+    "apply_updates",
     "build_model",
     "build_rule",
+    "chain",
     "first_order",
     "loop_driver",
     "masked",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.func import grad
 
 from meta.models.functional import autograd_grads
-from meta.rules.base import InnerRule
+from meta.rules.base import InnerRule, apply_updates
 from meta.types import Params, Task
 
 Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
@@ -95,7 +95,8 @@ def adapt_steps(
             (grads,) = autograd_grads(support_loss(fast, i, x, y, n), (fast,), create_graph=not rule.first_order)
         else:
             grads = grad(support_loss)(fast, i, x, y, n)
-        fast, state = rule.step(fast, grads, state, rule_params, i)
+        updates, state = rule.update(grads, state, fast, rule_params, i)
+        fast = apply_updates(fast, updates)
         yield {k: fast.get(k, v) for k, v in params.items()}
 
 

@@ -91,7 +91,7 @@ def test_mamlpp_with_every_switch_off_is_maml_and_derivative_order_anneals(tasks
     assert_same(off.meta_gradient(tasks), maml)
     annealed = MAMLPlusPlus(model, rules.mamlpp(lr=0.3, steps=2, lslr=False, per_step_bn=False), 2,
                             first_order_iterations=5)
-    fomaml = meta.MetaLearner(model, meta.sgd(lr=0.3, first_order=True), inner_steps=2).meta_gradient(tasks)
+    fomaml = meta.MetaLearner(model, meta.first_order(meta.sgd(lr=0.3)), inner_steps=2).meta_gradient(tasks)
     annealed.set_iteration(4, 10)
     assert annealed.rule.first_order
     assert_same(annealed.meta_gradient(tasks, driver="vmap"), fomaml)

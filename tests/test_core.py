@@ -27,7 +27,7 @@ def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float 
     model = meta.build_model(kind, ways=5, norm=norm, generator=torch.Generator().manual_seed(seed),
                              norm_affine="beta" if code else "gamma_beta", norm_eps=1e-3 if code else 1e-5,
                              init="maml" if code else "xavier").double()
-    rule = meta.sgd(lr=lr, first_order=first_order)
+    rule = meta.first_order(meta.sgd(lr=lr)) if first_order else meta.sgd(lr=lr)
     if code:
         frozen = meta.models.norm_parameters_of(model)
         rule = meta.masked(rule, lambda name: name not in frozen, label="frozen_norm")

@@ -16,7 +16,7 @@ from torch.func import grad, jvp
 from meta.drivers import Direction, TaskBatchResult
 from meta.learner import MetaLearner, Tasks
 from meta.models.functional import functional_forward
-from meta.rules.base import InnerRule
+from meta.rules.base import InnerRule, apply_updates
 from meta.types import Params, Task, as_task_batch
 
 Objective = Callable[[Params], torch.Tensor]
@@ -60,7 +60,8 @@ def proximal_adapt(
 
     phi, state = theta, rule.init(theta)
     for i in range(steps):
-        phi, state = rule.step(phi, grad(objective)(phi), state, rule_params, i)
+        updates, state = rule.update(grad(objective)(phi), state, phi, rule_params, i)
+        phi = apply_updates(phi, updates)
     return phi
 
 

@@ -188,8 +188,8 @@ def check_test_rule(cfg: DictConfig, learner: MetaLearner, test_rule: InnerRule)
     shape = (1,) if learner.rule.per_sample else ()  # per-sample rules take [samples, *shape] gradients
     grads = {k: torch.ones(shape + v.shape, dtype=v.dtype, device=v.device) for k, v in fast.items()}
     rule_params = {k: v.detach() for k, v in rule_params.items()}
-    stepped = [rule.step(fast, grads, rule.init(fast), rule_params, 0)[0] for rule in (learner.rule, test_rule)]
-    if all(torch.equal(stepped[0][k], stepped[1][k]) for k in fast):
+    updates = [rule.update(grads, rule.init(fast), fast, rule_params, 0)[0] for rule in (learner.rule, test_rule)]
+    if updates[0].keys() == updates[1].keys() and all(torch.equal(updates[0][k], updates[1][k]) for k in updates[0]):
         raise ValueError(f"inner.test_lr={cfg.inner.test_lr} has no effect on rule {learner.rule.name!r}: its step "
                          f"size comes from meta-learned tensors ({', '.join(sorted(rule_params)) or 'none'}); "
                          f"leave inner.test_lr null")
