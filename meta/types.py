@@ -33,22 +33,3 @@ class Task(NamedTuple):
     def select(self, index: int | torch.Tensor) -> Task:
         """Task ``index`` of a batch (an int), or the sub-batch of the tasks at ``index`` (an index tensor)."""
         return Task(*(t[index] for t in self))
-
-
-def as_task_batch(tasks: Task | tuple[torch.Tensor, ...]) -> Task:
-    """``tasks`` as a :class:`Task` batch, after checking it is ``(support_x, support_y, query_x, query_y)`` with a
-    leading task dimension, ``[tasks, examples, ...]`` images and ``[tasks, examples]`` integer labels (no device
-    sync)."""
-    tasks = tuple(tasks)
-    if len(tasks) != 4:
-        raise ValueError(f"tasks must be (support_x, support_y, query_x, query_y), got {len(tasks)} tensors")
-    sx, sy, qx, qy = tasks
-    for name, labels in (("support_y", sy), ("query_y", qy)):
-        if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"{name} must be integer class labels shaped [tasks, examples], got {labels.dtype} "
-                             f"{tuple(labels.shape)} (one task needs a leading task dimension of 1)")
-    if sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape or sx.shape[0] != qx.shape[0]:
-        raise ValueError(f"task tensors disagree: support_x {tuple(sx.shape)}, support_y {tuple(sy.shape)}, "
-                         f"query_x {tuple(qx.shape)}, query_y {tuple(qy.shape)}; expected [tasks, examples, ...] "
-                         f"images with [tasks, examples] labels and the same number of tasks in all four")
-    return Task(*tasks)

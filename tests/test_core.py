@@ -20,7 +20,7 @@ MODELS = [("conv4", "task_bn"), ("conv4", "none"), ("mlp", "task_bn")]
 
 
 def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float = 0.4, seed: int = 0,
-                 protocol: str = "ours"):
+                 protocol: str = "ours", inner_batch_size: int | None = None):
     """A float64 MAML learner. ``protocol="maml_code"``: cbfinn/maml's inner loss (sum over shots), batch norm
     (beta only, eps 1e-3, not inner-adapted) and init."""
     code = protocol == "maml_code"
@@ -31,9 +31,8 @@ def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float 
     if code:
         frozen = meta.models.norm_parameters_of(model)
         rule = meta.masked(rule, lambda name: name not in frozen, label="frozen_norm")
-    learner = meta.MetaLearner(model, rule, inner_steps=steps)
-    learner.inner_loss_reduction = "sum_over_shots" if code else "mean"
-    return learner
+    return meta.MetaLearner(model, rule, inner_steps=steps, inner_batch_size=inner_batch_size,
+                            inner_loss_reduction="sum_over_shots" if code else "mean")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +71,7 @@ def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order, pr
 @pytest.mark.parametrize("first_order", [False, True])
 def test_inner_mini_batches_match_the_reference(first_order):
     tasks = random_tasks(tasks=3, ways=5, shots=2, queries=1)  # 10 support examples: batches 0-3, 4-7, 8 9 0 1
-    learner = make_learner("conv4", "task_bn", steps=3, first_order=first_order)
-    learner.inner_batch_size = 4
+    learner = make_learner("conv4", "task_bn", steps=3, first_order=first_order, inner_batch_size=4)
     loop = learner.meta_gradient(tasks, driver="loop")
     params = dict(learner.model.named_parameters())
     ref_loss, ref_grads, _ = reference_maml("conv4", "task_bn", params, tasks, 0.4, 3, first_order, batch_size=4)
@@ -82,11 +80,10 @@ def test_inner_mini_batches_match_the_reference(first_order):
     for driver in ("vmap", "vmap_autograd", "loop_autograd"):
         assert relative_error(learner.meta_gradient(tasks, driver=driver).grads, loop.grads) < TOL
     # the mini-batches matter, and a batch at least the support set's size is the whole set
-    learner.inner_batch_size = None
-    full = learner.meta_gradient(tasks, driver="loop")
+    full = make_learner("conv4", "task_bn", steps=3, first_order=first_order).meta_gradient(tasks, driver="loop")
     assert relative_error(loop.grads, full.grads) > 1e-3
-    learner.inner_batch_size = 10
-    assert relative_error(learner.meta_gradient(tasks, driver="loop").grads, full.grads) == 0
+    whole = make_learner("conv4", "task_bn", steps=3, first_order=first_order, inner_batch_size=10)
+    assert relative_error(whole.meta_gradient(tasks, driver="loop").grads, full.grads) == 0
 
 
 def test_unfold_convolution_equals_native():
@@ -253,8 +250,8 @@ def test_auto_driver_stops_timing_candidates_far_behind(tasks, monkeypatch):
         return meta.drivers.loop_driver(problem)
 
     monkeypatch.setitem(meta.drivers.DRIVERS, ("backprop", "slow_loop"), slow_loop)
-    monkeypatch.setitem(meta.drivers.auto.AUTO_CANDIDATES["backprop"], "cpu", ("vmap", "slow_loop"))
     learner = make_learner("mlp", "task_bn", 1, first_order=False)
+    learner.auto_driver.candidates = {"cpu": ("vmap", "slow_loop")}  # instead of AUTO_CANDIDATES["backprop"]
     learner.meta_gradient(tasks, driver="auto")
     assert list(learner.auto_driver.choices.values()) == ["vmap"]
     assert len(calls) == 1  # its warm-up run only: not in the timed rounds

@@ -58,8 +58,7 @@ def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, tasks
     """Registering a rule is enough to get this test: loss, meta-gradient and rule-parameter gradient, with the
     mean inner loss and cbfinn/maml's sum over shots."""
     rule = RULES[name]()
-    learner = meta.MetaLearner(small_model(), rule, inner_steps=2)
-    learner.inner_loss_reduction = reduction
+    learner = meta.MetaLearner(small_model(), rule, inner_steps=2, inner_loss_reduction=reduction)
     perturb_rule_params(learner)
     loop = learner.meta_gradient(tasks, driver="loop")
     vm = learner.meta_gradient(tasks, driver="vmap")

@@ -38,9 +38,13 @@ class AutoDriver:
     so that runs can log what ran and checkpoints keep it.
     """
 
-    def __init__(self, timed_rounds: int = 2, prune_factor: float = 3.0) -> None:
+    def __init__(
+        self, timed_rounds: int = 2, prune_factor: float = 3.0, candidates: dict[str, tuple[str, ...]] | None = None
+    ) -> None:
         self.timed_rounds = timed_rounds
         self.prune_factor = prune_factor
+        #: device type -> driver names to time, instead of :data:`AUTO_CANDIDATES` of the learner's outer kind
+        self.candidates = candidates
         self.choices: dict[tuple, str] = {}
 
     def __call__(self, problem: Problem, strategy: str, drivers: dict[str, Driver]) -> TaskBatchResult:
@@ -51,8 +55,8 @@ class AutoDriver:
         if self.choices.get(key) in drivers:  # (a choice restored from an older checkpoint may name none)
             return drivers[self.choices[key]](problem)
         device = problem.tasks.support_x.device
-        by_device = AUTO_CANDIDATES[strategy.split()[0]]
-        names = tuple(n for n in by_device.get(device.type, by_device["cuda"]) if n in drivers)
+        by_device = AUTO_CANDIDATES[strategy.split()[0]] if self.candidates is None else self.candidates
+        names = tuple(n for n in by_device[device.type if device.type in by_device else "cuda"] if n in drivers)
         if problem.chunk_size is not None:  # bounded memory was asked for
             names = tuple(n for n in names if n not in UNBOUNDED_MEMORY)
         warmup: dict[str, float] = {}
