@@ -96,8 +96,10 @@ def map_loop(problem: Problem) -> TaskBatchResult:
     """The reference: a Python for-loop over tasks calling the same per-task function."""
     task_fn, params, rule_params, buffers, tasks, _ = problem
     rows = [task_fn(params, rule_params, buffers, tasks.select(i)) for i in range(tasks.num_tasks)]
-    return _averaged(Direction(torch.stack([r.loss for r in rows]), torch.stack([r.accuracy for r in rows]),
-                               *(_stack([r[field] for r in rows]) for field in (2, 3, 4))))
+    return _averaged(Direction(
+        torch.stack([r.loss for r in rows]), torch.stack([r.accuracy for r in rows]), _stack([r.grads for r in rows]),
+        _stack([r.rule_grads for r in rows]), _stack([r.adapted for r in rows]),
+    ))
 
 
 def with_func_grad(task_fn: TaskFn) -> Callable[..., Direction]:
