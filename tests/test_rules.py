@@ -54,12 +54,19 @@ def assert_same(a: meta.TaskBatchResult, b: meta.TaskBatchResult, rule_grads: bo
 
 @pytest.mark.parametrize("name", sorted(RULES))
 @pytest.mark.parametrize("reduction", ["mean", "sum_over_shots"])
-def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, tasks):
+@pytest.mark.parametrize("learnable", [False, True])
+def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, learnable, tasks):
     """Registering a rule is enough to get this test: loss, meta-gradient and rule-parameter gradient, with the
-    mean inner loss and cbfinn/maml's sum over shots."""
-    rule = RULES[name]()
+    mean inner loss and cbfinn/maml's sum over shots, and with a meta-learned step size where the rule has one."""
+    if learnable and "learnable" not in inspect.signature(RULES[name]).parameters:
+        pytest.skip(f"{name} has no learnable-step-size option")
+    rule = RULES[name](learnable=True) if learnable else RULES[name]()
     learner = meta.MetaLearner(small_model(), rule, inner_steps=2, inner_loss_reduction=reduction)
-    perturb_rule_params(learner)
+    if learnable:  # the step size by 10% (an absolute 0.01 would flip the sign of Adam's 1e-3)
+        with torch.no_grad():
+            learner.rule_params["lr"].mul_(1.1)
+    else:
+        perturb_rule_params(learner)
     loop = learner.meta_gradient(tasks, driver="loop")
     vm = learner.meta_gradient(tasks, driver="vmap")
     assert_same(vm, loop)
