@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,24 +101,12 @@ def adapt_steps(
         yield {k: fast.get(k, v) for k, v in params.items()}
 
 
-def adapt(
-    forward: Forward,
-    rule: InnerRule,
-    params: Params,
-    rule_params: Params,
-    buffers: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    steps: int,
-    loss_fn: LossFn = F.cross_entropy,
-    batch_size: int | None = None,
-    reduction: str = "mean",
-) -> Params:
-    """Run ``steps`` inner updates of ``rule`` on ``(x, y)``; return all parameters after adaptation."""
-    adapted = params
-    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn, batch_size,
-                                  reduction):
-        adapted = after_step
+def adapt(*args: Any, **options: Any) -> Params:
+    """:func:`adapt_steps` run to the end (same arguments): all parameters after the last inner update (the
+    parameters themselves when ``steps`` is 0)."""
+    adapted = args[2] if len(args) > 2 else options["params"]
+    for adapted in adapt_steps(*args, **options):  # noqa: B007 (the last one is the result)
+        pass
     return adapted
 
 

@@ -255,3 +255,13 @@ def test_auto_driver_stops_timing_candidates_far_behind(tasks, monkeypatch):
     learner.meta_gradient(tasks, driver="auto")
     assert list(learner.auto_driver.choices.values()) == ["vmap"]
     assert len(calls) == 1  # its warm-up run only: not in the timed rounds
+
+
+def test_adapt_is_the_learners_inner_loop(tasks):
+    learner = make_learner("mlp", "task_bn", steps=2, first_order=False)
+    params = {k: v.detach() for k, v in learner.model.named_parameters()}
+    forward = meta.models.functional.functional_forward(learner.model)
+    adapted = meta.adapt(forward, learner.rule, params, {}, {}, tasks[0][1], tasks[1][1], 2)
+    expected = learner.meta_gradient(tasks, driver="loop").adapted
+    assert relative_error(adapted, {k: v[1] for k, v in expected.items()}) < TOL
+    assert meta.adapt(forward, learner.rule, params, {}, {}, tasks[0][1], tasks[1][1], steps=0) is params
