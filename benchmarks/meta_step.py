@@ -59,11 +59,16 @@ def random_tasks(s: Setting, device: torch.device, generator: torch.Generator, s
     return sx.to(device), sy.to(device), qx.to(device), qy.to(device)
 
 
+def _inner_rule(s: Setting) -> meta.InnerRule:
+    rule = meta.sgd(lr=s.lr)
+    return meta.first_order(rule) if s.first_order else rule
+
+
 def ours(model: nn.Module, s: Setting, tasks: Tasks, driver: str, conv_impl: str = "native",
          chunk_size: int | None = None) -> Callable[[], None]:
     """This library's MetaLearner with a given driver and convolution implementation."""
     model = set_conv_impl(copy.deepcopy(model), conv_impl)
-    learner = meta.MetaLearner(model, meta.sgd(lr=s.lr, first_order=s.first_order), inner_steps=s.steps)
+    learner = meta.MetaLearner(model, _inner_rule(s), inner_steps=s.steps)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -77,7 +82,7 @@ def ours_cuda_graph(model: nn.Module, s: Setting, tasks: Tasks, driver: str = "v
     """``ours`` with the whole meta-step (inner loop, meta-gradient, Adam) replayed as a CUDA graph
     (:class:`meta.training.cuda_graph.GraphedMetaStep`, what ``train.cuda_graph=true`` runs). The graph is
     captured here, after the warm-up steps; ``step(new_tasks)`` copies other tasks into its input buffers."""
-    learner = meta.MetaLearner(copy.deepcopy(model), meta.sgd(lr=s.lr, first_order=s.first_order),
+    learner = meta.MetaLearner(copy.deepcopy(model), _inner_rule(s),
                                inner_steps=s.steps)
     lr = torch.tensor(1e-3, device=tasks[0].device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=lr, capturable=True)

@@ -2,14 +2,16 @@
 
 from meta.adaptation import adapt, task_loss
 from meta.drivers import DRIVERS, TaskBatchResult, loop_driver, vmap_driver
-from meta.learner import FusedNormError, MetaLearner
+from meta.learner import Backprop, FusedNormError, MetaLearner, OuterStrategy, Phase
 from meta.models import MLP, Conv4, TaskBatchNorm, build_model
 from meta.per_sample import per_sample_grads, per_sample_grads_loop
-from meta.rules import RULES, InnerRule, build_rule, first_order, masked, register_rule, sgd
+from meta.rules import RULES, InnerRule, apply_updates, build_rule, chain, first_order, masked, register_rule, sgd
+from meta.types import Params, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backprop",
     "DRIVERS",
     "MLP",
     "RULES",
@@ -17,11 +19,17 @@ __all__ = [
     "FusedNormError",
     "InnerRule",
     "MetaLearner",
+    "OuterStrategy",
+    "Params",
+    "Phase",
+    "Task",
     "TaskBatchNorm",
     "TaskBatchResult",
     "adapt",
+    "apply_updates",
     "build_model",
     "build_rule",
+    "chain",
     "first_order",
     "loop_driver",
     "masked",

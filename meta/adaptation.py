@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad
 
 from meta.models.functional import autograd_grads
-from meta.rules.base import InnerRule
+from meta.rules.base import InnerRule, apply_updates
+from meta.types import Params, Task
 
-Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_AUTOGRAD_INNER = contextvars.ContextVar("autograd_inner_gradients", default=False)
 
 #: How the inner (support) loss reduces its per-example losses: ``mean``, or ``sum_over_shots``, the sum divided
 #: by the shots K, as cbfinn/maml's ``xent`` (utils.py:L56-L58 divides the per-example cross-entropy by
@@ -35,18 +32,6 @@ def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> flo
     if reduction == "sum_over_shots":
         return ways * batch / support
     raise ValueError(f"unknown inner loss reduction {reduction!r}; choose one of {INNER_LOSS_REDUCTIONS}")
-
-
-@contextlib.contextmanager
-def autograd_inner_gradients() -> Iterator[None]:
-    """Inside this block, inner gradients come from ``torch.autograd.grad`` (``create_graph`` unless the rule is
-    first order) instead of ``torch.func.grad``: the same numbers with less overhead, for per-task loops that are
-    differentiated by plain autograd. Not for code under ``torch.vmap`` or ``torch.func`` transforms."""
-    token = _AUTOGRAD_INNER.set(True)
-    try:
-        yield
-    finally:
-        _AUTOGRAD_INNER.reset(token)
 
 
 def support_batch(x: torch.Tensor, step: int, batch_size: int | None) -> torch.Tensor:
@@ -74,6 +59,7 @@ def adapt_steps(
     loss_fn: LossFn = F.cross_entropy,
     batch_size: int | None = None,
     reduction: str = "mean",
+    autograd_inner: bool = False,
 ) -> Iterator[Params]:
     """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
 
@@ -83,6 +69,9 @@ def adapt_steps(
     scales the mean support loss ``loss_fn`` by :func:`inner_loss_scale` (the ways are the logits' last
     dimension); per-sample gradients get the same factor, so that their mean, which the per-sample rules
     average, is the gradient of the reduced loss (and a clipping bound applies to the scaled gradients).
+    ``autograd_inner``: inner gradients from ``torch.autograd.grad`` (``create_graph`` unless the rule is first
+    order) instead of ``torch.func.grad``, the same numbers with less overhead for per-task loops differentiated by
+    plain autograd (the ``loop_autograd`` driver); never under ``torch.vmap`` or ``torch.func`` transforms.
     """
     fast = {k: v for k, v in params.items() if rule.adapts(k)}
     frozen = {k: v for k, v in params.items() if k not in fast}
@@ -103,32 +92,21 @@ def adapt_steps(
         n = x.shape[0]
         if rule.per_sample:
             grads = torch.vmap(grad(lambda f, xi, yi: sample_loss(f, i, xi, yi, n)), in_dims=(None, 0, 0))(fast, x, y)
-        elif _AUTOGRAD_INNER.get():
+        elif autograd_inner:
             (grads,) = autograd_grads(support_loss(fast, i, x, y, n), (fast,), create_graph=not rule.first_order)
         else:
             grads = grad(support_loss)(fast, i, x, y, n)
-        fast, state = rule.step(fast, grads, state, rule_params, i)
+        updates, state = rule.update(grads, state, fast, rule_params, i)
+        fast = apply_updates(fast, updates)
         yield {k: fast.get(k, v) for k, v in params.items()}
 
 
-def adapt(
-    forward: Forward,
-    rule: InnerRule,
-    params: Params,
-    rule_params: Params,
-    buffers: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    steps: int,
-    loss_fn: LossFn = F.cross_entropy,
-    batch_size: int | None = None,
-    reduction: str = "mean",
-) -> Params:
-    """Run ``steps`` inner updates of ``rule`` on ``(x, y)``; return all parameters after adaptation."""
-    adapted = params
-    for after_step in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, loss_fn, batch_size,
-                                  reduction):
-        adapted = after_step
+def adapt(*args: Any, **options: Any) -> Params:
+    """:func:`adapt_steps` run to the end (same arguments): all parameters after the last inner update (the
+    parameters themselves when ``steps`` is 0)."""
+    adapted = args[2] if len(args) > 2 else options["params"]
+    for adapted in adapt_steps(*args, **options):  # noqa: B007 (the last one is the result)
+        pass
     return adapted
 
 
@@ -136,10 +114,7 @@ def task_loss(
     params: Params,
     rule_params: Params,
     buffers: Params,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    query_y: torch.Tensor,
+    task: Task,
     *,
     forward: Forward,
     rule: InnerRule,
@@ -148,11 +123,12 @@ def task_loss(
     step_weights: torch.Tensor | None = None,
     batch_size: int | None = None,
     inner_reduction: str = "mean",
+    autograd_inner: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, Params]]:
-    """Query loss of one task after adapting on its support set (in mini-batches of ``batch_size``, if given).
+    """Query loss of one ``task`` after adapting on its support set (in mini-batches of ``batch_size``, if given).
 
     The inner (support) loss reduces by ``inner_reduction`` (:data:`INNER_LOSS_REDUCTIONS`); the query loss is
-    always ``loss_fn``, a mean.
+    always ``loss_fn``, a mean. ``autograd_inner``: see :func:`adapt_steps`.
 
     With ``step_weights`` (shape ``[steps]``, the multi-step loss of MAML++) the
     loss is ``sum_i step_weights[i] * query_loss(after step i)``; accuracy is
@@ -162,6 +138,7 @@ def task_loss(
     Returns ``(loss, (accuracy, adapted_params))`` so it can be wrapped by
     ``torch.func.grad(..., has_aux=True)``.
     """
+    support_x, support_y, query_x, query_y = task
     if step_weights is not None and step_weights.shape != (steps,):
         raise ValueError(f"step_weights must have shape ({steps},), got {tuple(step_weights.shape)}")
 
@@ -171,7 +148,7 @@ def task_loss(
     adapted, loss = params, 0.0
     for i, adapted in enumerate(
         adapt_steps(forward, rule, params, rule_params, buffers, support_x, support_y, steps, loss_fn, batch_size,
-                    inner_reduction)
+                    inner_reduction, autograd_inner)
     ):
         if step_weights is not None and i < steps - 1:
             loss = loss + step_weights[i] * loss_fn(query(adapted, i), query_y)

@@ -1,32 +1,41 @@
-"""``MetaLearner``: a model, an inner rule and its learnable tensors, with both drivers."""
+"""``MetaLearner``: one kind of object for every algorithm, composed of parts.
+
+A learner is a model, an inner loop (rule, steps, inner mini-batch, inner-loss reduction), an **outer strategy**
+(how a task's share of the outer direction is formed: :class:`Backprop` through the inner loop, in second or
+first order as the rule says, or Reptile's difference, iMAML's implicit gradient, ProtoNets' prototypes, in
+:mod:`meta.algorithms`) and an optional per-iteration **schedule** (MAML++'s multi-step loss and
+derivative-order annealing). Every strategy runs through the one driver table :data:`meta.drivers.DRIVERS`, so
+every learner honours every driver of its row or refuses it, with the reason, before any work.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meta.adaptation import LossFn, task_loss
-from meta.drivers import DRIVERS, VECTORIZED_DRIVERS, AutoDriver, TaskBatchResult, vmap_forward
+from meta.adaptation import INNER_LOSS_REDUCTIONS, LossFn, task_loss
+from meta.drivers import VECTORIZED_DRIVERS, Driver, Problem, TaskBatchResult, TaskFn, drivers_of, vmap_forward
+from meta.drivers.auto import AutoDriver
 from meta.models.functional import buffers_of, detached, functional_forward, parameters_of
 from meta.models.norms import find_fused_norms
 from meta.per_sample import _check_no_batch_statistics
-from meta.rules.base import InnerRule
+from meta.rules.base import InnerRule, first_order
+from meta.types import Params, Task
 
-Params = dict[str, torch.Tensor]
-Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-class FusedNormError(ValueError):
-    """A fused norm layer would give wrong second-order meta-gradients under vmap."""
+#: what ``meta_gradient`` and ``evaluate`` accept: a :class:`Task` batch, or any 4-tuple of its tensors
+Tasks = Task | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def check_tasks(tasks: Tasks) -> Tasks:
-    """``tasks`` as a tuple, after checking it is ``(support_x, support_y, query_x, query_y)`` with a leading task
-    dimension, ``[tasks, examples, ...]`` images and ``[tasks, examples]`` integer labels (no device sync)."""
+def as_task_batch(tasks: Task | tuple[torch.Tensor, ...]) -> Task:
+    """``tasks`` as a :class:`Task` batch, after checking it is ``(support_x, support_y, query_x, query_y)`` with a
+    leading task dimension, ``[tasks, examples, ...]`` images and ``[tasks, examples]`` integer labels (no device
+    sync)."""
     tasks = tuple(tasks)
     if len(tasks) != 4:
         raise ValueError(f"tasks must be (support_x, support_y, query_x, query_y), got {len(tasks)} tensors")
@@ -39,7 +48,71 @@ def check_tasks(tasks: Tasks) -> Tasks:
         raise ValueError(f"task tensors disagree: support_x {tuple(sx.shape)}, support_y {tuple(sy.shape)}, "
                          f"query_x {tuple(qx.shape)}, query_y {tuple(qy.shape)}; expected [tasks, examples, ...] "
                          f"images with [tasks, examples] labels and the same number of tasks in all four")
-    return tasks
+    return Task(*tasks)
+
+
+class FusedNormError(ValueError):
+    """A fused norm layer would give wrong second-order meta-gradients under vmap."""
+
+
+class Phase(NamedTuple):
+    """The outer loop's switches at one iteration, as a schedule sets them (default: none switched on)."""
+
+    #: query-loss weight after each inner step (MAML++'s multi-step loss); None: the last step only
+    step_weights: torch.Tensor | None = None
+    #: inner gradients detached this iteration (MAML++'s derivative-order annealing)
+    first_order: bool = False
+
+
+#: ``schedule(step, total) -> Phase``: the phase of iteration ``step`` of ``total`` (from 0); stateless
+Schedule = Callable[[int, int], Phase]
+
+
+class OuterStrategy:
+    """How a learner turns a task into its share of the outer direction. Subclasses set :attr:`kind` (their row of
+    :data:`meta.drivers.DRIVERS`), :attr:`refused` (drivers of that row they cannot run, with the reason) and
+    implement :meth:`train_fn` and :meth:`eval_fn`."""
+
+    #: ``backprop`` (the driver differentiates the per-task loss) or ``direction`` (the per-task function returns
+    #: its own direction)
+    kind: str = "backprop"
+    #: drivers of that row this strategy refuses, with the reason
+    refused: dict[str, str] = {}
+    #: whether it needs rule, steps and the rule's learnable tensors
+    uses_rule: bool = True
+    #: whether it can train the rule's learnable tensors (nothing differentiates them otherwise)
+    trains_rule_params: bool = True
+
+    #: the strategy's name, for messages and the ``auto`` driver's settings
+    name: str = "outer strategy"
+
+    def check(self, learner: MetaLearner) -> None:
+        """Refuse, at construction, a learner this strategy cannot train."""
+        if not self.trains_rule_params and len(learner.rule_params):
+            raise ValueError(f"{self.name} cannot train the rule parameters of {learner.rule.name}; use a rule "
+                             f"without any")
+
+    def train_fn(self, learner: MetaLearner, rule: InnerRule, phase: Phase) -> TaskFn:
+        """The per-task function :meth:`MetaLearner.meta_gradient` maps with ``rule`` in ``phase``."""
+        raise NotImplementedError
+
+    def eval_fn(self, learner: MetaLearner, rule: InnerRule | None, steps: int) -> TaskFn:
+        """The per-task ``(loss, (accuracy, adapted))`` :meth:`MetaLearner.evaluate` maps (no meta-gradient)."""
+        return learner.task_fn(steps, rule)
+
+    def second_order(self, learner: MetaLearner, rule: InnerRule) -> bool:
+        """Whether a meta-gradient differentiates through inner gradients (for the fused-norm check)."""
+        return self.uses_rule and not rule.first_order and learner.inner_steps > 0
+
+
+class Backprop(OuterStrategy):
+    """MAML's outer strategy: the gradient of the query loss through the inner loop, second order, or first order
+    when the rule is wrapped by :func:`meta.rules.first_order` (FOMAML) or the phase says so (MAML++)."""
+
+    name = "MAML"
+
+    def train_fn(self, learner: MetaLearner, rule: InnerRule, phase: Phase) -> TaskFn:
+        return learner.task_fn(rule=rule, step_weights=phase.step_weights)
 
 
 def _to_key(name: str) -> str:
@@ -55,51 +128,60 @@ def _from_key(key: str) -> str:
 class MetaLearner(nn.Module):
     """Meta-learns a model's initialization together with the learnable tensors of an inner rule.
 
-    ``learner.parameters()`` is everything the outer optimizer trains: the
-    model's parameters and the rule's parameters (``learner.rule_params``).
+    ``learner.parameters()`` is everything the outer optimizer trains: the model's parameters and the rule's
+    parameters (``learner.rule_params``). The parts (module docstring): ``rule``, ``inner_steps``,
+    ``inner_batch_size`` (each inner step uses that many support examples, Reptile's mini-batches; None: all),
+    ``inner_loss_reduction`` (``mean`` or cbfinn/maml's ``sum_over_shots``), ``outer`` (default
+    :class:`Backprop`) and ``schedule`` (None: every iteration is the default :class:`Phase`).
     """
-
-    #: the drivers this learner's outer strategy runs on (``auto`` chooses among them); subclasses whose outer
-    #: strategy has no meta-backward pass use :data:`meta.drivers.MAP_DRIVERS`
-    drivers: dict[str, Callable[..., TaskBatchResult]] = DRIVERS
 
     def __init__(
         self,
         model: nn.Module,
-        rule: InnerRule,
+        rule: InnerRule | None,
         inner_steps: int,
         loss_fn: LossFn = F.cross_entropy,
+        *,
+        outer: OuterStrategy | None = None,
+        schedule: Schedule | None = None,
+        inner_batch_size: int | None = None,
+        inner_loss_reduction: str = "mean",
     ) -> None:
         super().__init__()
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        if inner_loss_reduction not in INNER_LOSS_REDUCTIONS:
+            raise ValueError(f"unknown inner loss reduction {inner_loss_reduction!r}; choose one of "
+                             f"{INNER_LOSS_REDUCTIONS}")
+        self.outer = Backprop() if outer is None else outer
+        if self.outer.uses_rule and rule is None:
+            raise ValueError(f"{self.outer.name} needs an inner rule")
         self.model = model
         self.rule = rule
         self.inner_steps = inner_steps
         self.loss_fn = loss_fn
-        #: MAML++'s multi-step loss: query-loss weight after each inner step (None: the last step only).
-        self.step_weights: torch.Tensor | None = None
-        #: inner mini-batch size (Reptile): each inner step uses this many support examples (None: all of them)
-        self.inner_batch_size: int | None = None
-        #: how the inner (support) loss reduces: mean, or MAML's sum_over_shots (meta.adaptation.inner_loss_scale)
-        self.inner_loss_reduction: str = "mean"
-        if rule.per_sample:
+        self.schedule = schedule
+        self.inner_batch_size = inner_batch_size
+        self.inner_loss_reduction = inner_loss_reduction
+        #: this iteration's switches (:meth:`set_iteration`)
+        self.phase = Phase()
+        if rule is not None and rule.per_sample:
             _check_no_batch_statistics(model)
         initial = detached(parameters_of(model))
-        self.rule_params = nn.ParameterDict(
-            {_to_key(k): nn.Parameter(v.clone()) for k, v in rule.init_rule_params(initial).items()}
-        )
+        own = rule.init_rule_params(initial) if rule is not None else {}
+        self.rule_params = nn.ParameterDict({_to_key(k): nn.Parameter(v.clone()) for k, v in own.items()})
+        self.outer.check(self)
         self._fused_norms = find_fused_norms(model)
         #: the ``auto`` driver, with its cached per-setting choices
-        self.auto_driver = self._make_auto_driver()
+        self.auto_driver = AutoDriver()
 
-    def _make_auto_driver(self) -> AutoDriver:
-        return AutoDriver()
+    def drivers(self) -> dict[str, Driver]:
+        """The drivers this learner runs on, by name (``auto`` chooses among them)."""
+        return drivers_of(self.outer.kind, tuple(self.outer.refused))
 
-    @classmethod
-    def supported_drivers(cls) -> tuple[str, ...]:
-        """The driver names this learner accepts: its driver table and ``auto``."""
-        return (*cls.drivers, "auto")
+    def supported_drivers(self) -> tuple[str, ...]:
+        """The driver names this learner accepts: its drivers and ``auto``."""
+        return (*self.drivers(), "auto")
 
     def functional_state(self) -> tuple[Params, Params, Params]:
         """``(params, rule_params, buffers)`` as name -> tensor dicts."""
@@ -112,8 +194,9 @@ class MetaLearner(nn.Module):
 
     def task_fn(
         self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights: torch.Tensor | None = None
-    ) -> Callable:
-        """The per-task function with the model, rule and step count bound (defaults: this learner's)."""
+    ) -> TaskFn:
+        """The per-task function :func:`meta.adaptation.task_loss` with this learner's model, inner loop and loss
+        bound (``inner_steps`` and ``rule`` default to the learner's)."""
         return functools.partial(
             task_loss,
             forward=functional_forward(self.model),
@@ -125,15 +208,36 @@ class MetaLearner(nn.Module):
             inner_reduction=self.inner_loss_reduction,
         )
 
-    def set_iteration(self, step: int, total: int) -> None:
-        """Hook called by the training script before each meta-iteration (``step`` of ``total``, from 0),
-        for per-iteration schedules such as MAML++'s. Stateless: a resumed run calls it again. No-op here."""
+    def active_rule(self) -> InnerRule | None:
+        """The rule this iteration adapts with: the learner's, made first order if the phase says so."""
+        if self.rule is not None and self.phase.first_order and not self.rule.first_order:
+            return first_order(self.rule)
+        return self.rule
 
-    def _check_driver(self, driver: str, second_order: bool) -> None:
+    def set_iteration(self, step: int, total: int) -> None:
+        """Set the phase of iteration ``step`` of ``total`` (from 0) from the schedule, if there is one. The
+        training script calls it before each meta-iteration; stateless, so a resumed run calls it again."""
+        if self.schedule is None:
+            return
+        phase = self.schedule(step, total)
+        if phase.step_weights is not None:
+            reference = next(self.model.parameters())
+            phase = phase._replace(step_weights=phase.step_weights.to(device=reference.device, dtype=reference.dtype))
+        self.phase = phase
+
+    def describe(self) -> str:
+        """The work one meta-gradient does beyond the task shapes (what the ``auto`` driver keys its choice on):
+        the outer kind first, which names the candidates, then the strategy, rule, steps and inner mini-batch."""
+        rule = self.active_rule()
+        return (f"{self.outer.kind} {self.outer.name} rule={rule.name if rule else None} steps={self.inner_steps} "
+                f"batch={self.inner_batch_size}")
+
+    def _check_driver(self, driver: str) -> None:
         if driver not in self.supported_drivers():
-            raise ValueError(f"unknown driver {driver!r} for {type(self).__name__}; choose one of "
+            reason = f" ({self.outer.refused[driver]})" if driver in self.outer.refused else ""
+            raise ValueError(f"unknown driver {driver!r} for {self.outer.name}{reason}; choose one of "
                              f"{sorted(self.supported_drivers())}")
-        if driver in VECTORIZED_DRIVERS and second_order and self._fused_norms:
+        if driver in VECTORIZED_DRIVERS and self.outer.second_order(self, self.active_rule()) and self._fused_norms:
             layers = ", ".join(f"{path} ({kind})" for path, kind in self._fused_norms)
             raise FusedNormError(
                 f"fused norm layers give wrong second-order meta-gradients under vmap on this torch "
@@ -142,16 +246,17 @@ class MetaLearner(nn.Module):
             )
 
     def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
-        """Per-task losses/accuracies and the meta-gradient of the mean query loss for a batch of tasks.
-
-        ``tasks`` is ``(support_x, support_y, query_x, query_y)``, each shaped ``[tasks, n*k, ...]``.
-        """
-        self._check_driver(driver, second_order=not self.rule.first_order and self.inner_steps > 0)
-        tasks = check_tasks(tasks)
-        params, rule_params, buffers = self._detached_state()
-        task_fn = self.task_fn(step_weights=self.step_weights)
-        run = self.auto_driver if driver == "auto" else self.drivers[driver]
-        return run(task_fn, params, rule_params, buffers, tasks, chunk_size)
+        """Per-task losses/accuracies and the outer direction (the meta-gradient of the mean query loss, or the
+        strategy's own) for a batch of tasks shaped ``[tasks, n*k, ...]``, on ``driver``."""
+        self._check_driver(driver)
+        tasks = as_task_batch(tasks)
+        problem = Problem(self.outer.train_fn(self, self.active_rule(), self.phase), *self._detached_state(), tasks,
+                          chunk_size)
+        # direction strategies differentiate nothing through the drivers (their per-task functions use torch.func)
+        with torch.no_grad() if self.outer.kind == "direction" else contextlib.nullcontext():
+            if driver == "auto":
+                return self.auto_driver(problem, self.describe(), self.drivers())
+            return self.drivers()[driver](problem)
 
     def write_grads(self, result: TaskBatchResult) -> None:
         """Store a result's meta-gradients in ``.grad`` of the model and rule parameters (copied into the
@@ -185,6 +290,6 @@ class MetaLearner(nn.Module):
 
         ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
         """
-        params, rule_params, buffers = self._detached_state()
-        return vmap_forward(self.task_fn(inner_steps, rule), params, rule_params, buffers, check_tasks(tasks),
-                            chunk_size)
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        task_fn = self.outer.eval_fn(self, self.rule if rule is None else rule, steps)
+        return vmap_forward(Problem(task_fn, *self._detached_state(), as_task_batch(tasks), chunk_size))

@@ -10,8 +10,7 @@ from torch.func import grad
 from meta.adaptation import LossFn
 from meta.models.functional import buffers_of, functional_forward, parameters_of
 from meta.models.norms import FUSED_NORM_TYPES, TaskBatchNorm
-
-Params = dict[str, torch.Tensor]
+from meta.types import Params
 
 
 def _check_no_batch_statistics(model: nn.Module) -> None:

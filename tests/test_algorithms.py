@@ -70,7 +70,7 @@ def test_mamlpp_multi_step_loss_is_the_weighted_sum_of_per_step_query_losses(tas
             p.add_(0.01 * torch.randn(p.shape, generator=perturb, dtype=p.dtype))
     learner.set_iteration(40, 1000)
     weights = msl_weights(3, 0.4).double()
-    assert torch.equal(learner.step_weights, weights)
+    assert torch.equal(learner.phase.step_weights, weights)
     vm, loop = learner.meta_gradient(tasks, driver="vmap"), learner.meta_gradient(tasks, driver="loop")
     assert_same(vm, loop)
     per_step = [meta.MetaLearner(model, rule, i + 1) for i in range(3)]
@@ -79,7 +79,7 @@ def test_mamlpp_multi_step_loss_is_the_weighted_sum_of_per_step_query_losses(tas
     expected = sum(w * single.meta_gradient(tasks, driver="loop").loss for w, single in zip(weights, per_step))
     assert relative_error({"l": vm.loss}, {"l": expected}) < TOL
     learner.set_iteration(100, 1000)  # annealing over: the last step only
-    assert learner.step_weights is None
+    assert learner.phase.step_weights is None
     assert_same(learner.meta_gradient(tasks), per_step[-1].meta_gradient(tasks))
 
 
@@ -91,12 +91,12 @@ def test_mamlpp_with_every_switch_off_is_maml_and_derivative_order_anneals(tasks
     assert_same(off.meta_gradient(tasks), maml)
     annealed = MAMLPlusPlus(model, rules.mamlpp(lr=0.3, steps=2, lslr=False, per_step_bn=False), 2,
                             first_order_iterations=5)
-    fomaml = meta.MetaLearner(model, meta.sgd(lr=0.3, first_order=True), inner_steps=2).meta_gradient(tasks)
+    fomaml = meta.MetaLearner(model, meta.first_order(meta.sgd(lr=0.3)), inner_steps=2).meta_gradient(tasks)
     annealed.set_iteration(4, 10)
-    assert annealed.rule.first_order
+    assert annealed.active_rule().first_order and not annealed.rule.first_order  # the learner's rule is kept
     assert_same(annealed.meta_gradient(tasks, driver="vmap"), fomaml)
     annealed.set_iteration(5, 10)
-    assert not annealed.rule.first_order
+    assert not annealed.active_rule().first_order
     assert_same(annealed.meta_gradient(tasks, driver="vmap"), maml)
 
 

@@ -20,20 +20,19 @@ MODELS = [("conv4", "task_bn"), ("conv4", "none"), ("mlp", "task_bn")]
 
 
 def make_learner(kind: str, norm: str, steps: int, first_order: bool, lr: float = 0.4, seed: int = 0,
-                 protocol: str = "ours"):
+                 protocol: str = "ours", inner_batch_size: int | None = None):
     """A float64 MAML learner. ``protocol="maml_code"``: cbfinn/maml's inner loss (sum over shots), batch norm
     (beta only, eps 1e-3, not inner-adapted) and init."""
     code = protocol == "maml_code"
     model = meta.build_model(kind, ways=5, norm=norm, generator=torch.Generator().manual_seed(seed),
                              norm_affine="beta" if code else "gamma_beta", norm_eps=1e-3 if code else 1e-5,
                              init="maml" if code else "xavier").double()
-    rule = meta.sgd(lr=lr, first_order=first_order)
+    rule = meta.first_order(meta.sgd(lr=lr)) if first_order else meta.sgd(lr=lr)
     if code:
         frozen = meta.models.norm_parameters_of(model)
         rule = meta.masked(rule, lambda name: name not in frozen, label="frozen_norm")
-    learner = meta.MetaLearner(model, rule, inner_steps=steps)
-    learner.inner_loss_reduction = "sum_over_shots" if code else "mean"
-    return learner
+    return meta.MetaLearner(model, rule, inner_steps=steps, inner_batch_size=inner_batch_size,
+                            inner_loss_reduction="sum_over_shots" if code else "mean")
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +47,12 @@ def tasks():
 def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order, protocol):
     learner = make_learner(kind, norm, steps, first_order, protocol=protocol)
     loop = learner.meta_gradient(tasks, driver="loop")
-    runs = [("vmap", None, "native"), ("vmap", 3, "native"), ("vmap", None, "unfold"), ("auto", None, "context"),
+    runs = [("vmap", None, "native"), ("vmap", 3, "native"), ("vmap", None, "unfold"), ("auto", None, "native"),
             ("vmap_autograd", None, "native"), ("loop_autograd", None, "native"), ("loop_threads", None, "native")]
     for driver, chunk_size, conv_impl in runs:
         set_conv_impl(learner.model, conv_impl)
         vm = learner.meta_gradient(tasks, driver=driver, chunk_size=chunk_size)
-        set_conv_impl(learner.model, "context")
+        set_conv_impl(learner.model, "native")
         assert torch.allclose(vm.loss, loop.loss, rtol=TOL, atol=0)
         assert torch.equal(vm.accuracy, loop.accuracy)
         assert relative_error(vm.adapted, loop.adapted) < TOL
@@ -72,8 +71,7 @@ def test_vmap_loop_and_reference_agree(tasks, kind, norm, steps, first_order, pr
 @pytest.mark.parametrize("first_order", [False, True])
 def test_inner_mini_batches_match_the_reference(first_order):
     tasks = random_tasks(tasks=3, ways=5, shots=2, queries=1)  # 10 support examples: batches 0-3, 4-7, 8 9 0 1
-    learner = make_learner("conv4", "task_bn", steps=3, first_order=first_order)
-    learner.inner_batch_size = 4
+    learner = make_learner("conv4", "task_bn", steps=3, first_order=first_order, inner_batch_size=4)
     loop = learner.meta_gradient(tasks, driver="loop")
     params = dict(learner.model.named_parameters())
     ref_loss, ref_grads, _ = reference_maml("conv4", "task_bn", params, tasks, 0.4, 3, first_order, batch_size=4)
@@ -82,11 +80,10 @@ def test_inner_mini_batches_match_the_reference(first_order):
     for driver in ("vmap", "vmap_autograd", "loop_autograd"):
         assert relative_error(learner.meta_gradient(tasks, driver=driver).grads, loop.grads) < TOL
     # the mini-batches matter, and a batch at least the support set's size is the whole set
-    learner.inner_batch_size = None
-    full = learner.meta_gradient(tasks, driver="loop")
+    full = make_learner("conv4", "task_bn", steps=3, first_order=first_order).meta_gradient(tasks, driver="loop")
     assert relative_error(loop.grads, full.grads) > 1e-3
-    learner.inner_batch_size = 10
-    assert relative_error(learner.meta_gradient(tasks, driver="loop").grads, full.grads) == 0
+    whole = make_learner("conv4", "task_bn", steps=3, first_order=first_order, inner_batch_size=10)
+    assert relative_error(whole.meta_gradient(tasks, driver="loop").grads, full.grads) == 0
 
 
 def test_unfold_convolution_equals_native():
@@ -247,14 +244,24 @@ def test_auto_driver_caches_its_choice_and_respects_chunk_size(tasks):
 def test_auto_driver_stops_timing_candidates_far_behind(tasks, monkeypatch):
     calls = []
 
-    def slow_loop(*args):
+    def slow_loop(problem):
         calls.append(1)
         time.sleep(1.0)  # far behind the vmap driver on this tiny setting
-        return meta.drivers.loop_driver(*args)
+        return meta.drivers.loop_driver(problem)
 
-    monkeypatch.setitem(meta.drivers.DRIVERS, "slow_loop", slow_loop)
-    monkeypatch.setitem(meta.drivers.AUTO_CANDIDATES, "cpu", ("vmap+native", "slow_loop+native"))
+    monkeypatch.setitem(meta.drivers.DRIVERS, ("backprop", "slow_loop"), slow_loop)
     learner = make_learner("mlp", "task_bn", 1, first_order=False)
+    learner.auto_driver.candidates = {"cpu": ("vmap", "slow_loop")}  # instead of AUTO_CANDIDATES["backprop"]
     learner.meta_gradient(tasks, driver="auto")
-    assert list(learner.auto_driver.choices.values()) == ["vmap+native"]
+    assert list(learner.auto_driver.choices.values()) == ["vmap"]
     assert len(calls) == 1  # its warm-up run only: not in the timed rounds
+
+
+def test_adapt_is_the_learners_inner_loop(tasks):
+    learner = make_learner("mlp", "task_bn", steps=2, first_order=False)
+    params = {k: v.detach() for k, v in learner.model.named_parameters()}
+    forward = meta.models.functional.functional_forward(learner.model)
+    adapted = meta.adapt(forward, learner.rule, params, {}, {}, tasks[0][1], tasks[1][1], 2)
+    expected = learner.meta_gradient(tasks, driver="loop").adapted
+    assert relative_error(adapted, {k: v[1] for k, v in expected.items()}) < TOL
+    assert meta.adapt(forward, learner.rule, params, {}, {}, tasks[0][1], tasks[1][1], steps=0) is params

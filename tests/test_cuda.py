@@ -31,7 +31,8 @@ def test_drivers_agree_with_cpu_reference_on_cuda(steps, first_order):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     cpu_tasks = random_tasks(tasks=4, ways=5, shots=1, queries=2)
     ref_loss, ref_grads, _ = reference_maml("conv4", "task_bn", params, cpu_tasks, 0.4, steps, first_order)
-    learner = meta.MetaLearner(model.to(DEVICE), meta.sgd(lr=0.4, first_order=first_order), inner_steps=steps)
+    rule = meta.first_order(meta.sgd(lr=0.4)) if first_order else meta.sgd(lr=0.4)
+    learner = meta.MetaLearner(model.to(DEVICE), rule, inner_steps=steps)
     tasks = cuda_tasks()
     for driver in DRIVERS:
         result = learner.meta_gradient(tasks, driver=driver)

@@ -22,12 +22,12 @@ def tasks():
     return random_tasks(tasks=3, ways=WAYS, shots=SHOTS, queries=2, size=8)
 
 
-def learner_for(rule: meta.InnerRule, reduction: str, norm: str = "task_bn", steps: int = 1) -> meta.MetaLearner:
+def learner_for(rule: meta.InnerRule, reduction: str, norm: str = "task_bn", steps: int = 1,
+                batch_size: int | None = None) -> meta.MetaLearner:
     model = meta.build_model("mlp", ways=WAYS, norm=norm, image_size=8,
                              generator=torch.Generator().manual_seed(0)).double()
-    learner = meta.MetaLearner(model, rule, inner_steps=steps)
-    learner.inner_loss_reduction = reduction
-    return learner
+    return meta.MetaLearner(model, rule, inner_steps=steps, inner_loss_reduction=reduction,
+                            inner_batch_size=batch_size)
 
 
 @pytest.mark.parametrize("driver", ["loop", "vmap"])
@@ -45,10 +45,8 @@ def test_sum_over_shots_first_step_is_a_step_of_ways_times_lr_on_the_mean(tasks,
 
 def test_sum_over_shots_on_inner_mini_batches_is_the_batch_sum_over_shots(tasks):
     """With inner mini-batches of b examples the loss is the batch's sum / K: b / K times its mean."""
-    learner = learner_for(meta.sgd(lr=0.1), "sum_over_shots")
-    learner.inner_batch_size = 5  # 15 support examples, K = 3
-    mean = learner_for(meta.sgd(lr=0.1 * 5 / SHOTS), "mean")
-    mean.inner_batch_size = 5
+    learner = learner_for(meta.sgd(lr=0.1), "sum_over_shots", batch_size=5)  # 15 support examples, K = 3
+    mean = learner_for(meta.sgd(lr=0.1 * 5 / SHOTS), "mean", batch_size=5)
     assert relative_error(learner.meta_gradient(tasks).adapted, mean.meta_gradient(tasks).adapted) < TOL
 
 

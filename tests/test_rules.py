@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,13 +54,19 @@ def assert_same(a: meta.TaskBatchResult, b: meta.TaskBatchResult, rule_grads: bo
 
 @pytest.mark.parametrize("name", sorted(RULES))
 @pytest.mark.parametrize("reduction", ["mean", "sum_over_shots"])
-def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, tasks):
+@pytest.mark.parametrize("learnable", [False, True])
+def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, learnable, tasks):
     """Registering a rule is enough to get this test: loss, meta-gradient and rule-parameter gradient, with the
-    mean inner loss and cbfinn/maml's sum over shots."""
-    rule = RULES[name]()
-    learner = meta.MetaLearner(small_model(), rule, inner_steps=2)
-    learner.inner_loss_reduction = reduction
-    perturb_rule_params(learner)
+    mean inner loss and cbfinn/maml's sum over shots, and with a meta-learned step size where the rule has one."""
+    if learnable and "learnable" not in inspect.signature(RULES[name]).parameters:
+        pytest.skip(f"{name} has no learnable-step-size option")
+    rule = RULES[name](learnable=True) if learnable else RULES[name]()
+    learner = meta.MetaLearner(small_model(), rule, inner_steps=2, inner_loss_reduction=reduction)
+    if learnable:  # the step size by 10% (an absolute 0.01 would flip the sign of Adam's 1e-3)
+        with torch.no_grad():
+            learner.rule_params["lr"].mul_(1.1)
+    else:
+        perturb_rule_params(learner)
     loop = learner.meta_gradient(tasks, driver="loop")
     vm = learner.meta_gradient(tasks, driver="vmap")
     assert_same(vm, loop)
@@ -73,11 +81,60 @@ def test_every_registered_rule_agrees_under_vmap_and_loop(name, reduction, tasks
         assert float(global_norm(vm.rule_grads)) > 1e-8
 
 
-def test_registry_factories_take_no_arguments_and_names_are_unique():
+def test_registry_factories_follow_one_convention_and_names_are_unique():
+    """Every factory builds a rule with no arguments, takes no ``first_order`` (that is the wrapper's), defaults
+    ``learnable`` to False where it has it, and its rule's state is a typed NamedTuple."""
+    params = dict(small_model().named_parameters())
     for name, factory in RULES.items():
-        assert isinstance(factory(), meta.InnerRule), name
+        rule = factory()
+        assert isinstance(rule, meta.InnerRule), name
+        arguments = inspect.signature(factory).parameters
+        assert "first_order" not in arguments, name
+        assert all(a.default is not inspect.Parameter.empty for a in arguments.values()), name
+        if "learnable" in arguments:
+            assert arguments["learnable"].default is False and not rule.init_rule_params(params), name
+            assert set(factory(learnable=True).init_rule_params(params)) == {"lr"}, name
+        state = rule.init({k: v.detach() for k, v in params.items() if rule.adapts(k)})
+        assert isinstance(state, tuple) and hasattr(type(state), "_fields"), name
     with pytest.raises(ValueError, match="already registered"):
         meta.register_rule("sgd")(meta.sgd)
+
+
+def test_a_new_rule_is_one_file_found_by_the_registry(tmp_path, monkeypatch, tasks):
+    """The docs' example, saved under a new name as a new module of meta.rules and nothing else, is registered by
+    importing the package's modules and passes the driver equivalence test like every registered rule."""
+    source = (REPO / "meta" / "rules" / "momentum.py").read_text()
+    (tmp_path / "heavy_ball_copy.py").write_text(source.replace('register_rule("momentum")',
+                                                                'register_rule("heavy_ball_copy")'))
+    monkeypatch.setattr(rules, "__path__", [*rules.__path__, str(tmp_path)])
+    monkeypatch.setattr(rules.base, "RULES", dict(RULES))  # the decorator registers into this copy
+    monkeypatch.delitem(sys.modules, "meta.rules.heavy_ball_copy", raising=False)
+    assert "heavy_ball_copy" in rules.discover()
+    new = rules.base.RULES["heavy_ball_copy"]
+    assert "heavy_ball_copy" not in RULES  # the real registry is untouched
+    learner = meta.MetaLearner(small_model(), new(lr=0.3, learnable=True), inner_steps=2)
+    perturb_rule_params(learner)
+    loop = learner.meta_gradient(tasks, driver="loop")
+    for driver in ("vmap", "vmap_autograd", "loop_autograd", "loop_threads"):
+        assert_same(learner.meta_gradient(tasks, driver=driver), loop)
+    assert set(loop.rule_grads) == {"lr"} and float(loop.rule_grads["lr"].abs()) > 1e-8
+
+
+def test_chain_feeds_updates_to_the_next_rule(tasks):
+    """``chain(clip_per_sample, sgd)`` is the clipped rule; a chain of two half-step SGDs is one SGD step of
+    a quarter of the rate (each takes the previous updates as its gradients), and shared tensor names are
+    refused."""
+    model = small_model(norm="group")
+    clipped = meta.MetaLearner(model, rules.clipped_sgd(lr=0.3, clip=0.05), inner_steps=2).meta_gradient(tasks)
+    chained = meta.chain(rules.clip_per_sample(0.05), meta.sgd(lr=0.3))
+    assert_same(meta.MetaLearner(model, chained, inner_steps=2).meta_gradient(tasks), clipped)
+    halves = meta.chain(meta.sgd(lr=-0.5), meta.sgd(lr=0.6))  # updates: -0.6 * (0.5 * g) = -0.3 * g
+    sgd = meta.MetaLearner(model, meta.sgd(lr=0.3), inner_steps=2).meta_gradient(tasks)
+    assert_same(meta.MetaLearner(model, halves, inner_steps=2).meta_gradient(tasks), sgd)
+    with pytest.raises(ValueError, match="share learnable tensor names"):
+        meta.MetaLearner(model, meta.chain(meta.sgd(learnable=True), meta.sgd(learnable=True)), inner_steps=1)
+    with pytest.raises(ValueError, match="only the first rule of a chain"):
+        meta.chain(meta.sgd(), rules.clip_per_sample())
 
 
 def test_docs_example_is_the_registered_momentum_rule():
@@ -86,6 +143,8 @@ def test_docs_example_is_the_registered_momentum_rule():
     source = (REPO / "meta" / "rules" / "momentum.py").read_text()
     assert source in blocks
     assert 20 <= len(source.strip().splitlines()) <= 30
+    # the doc's recipe for a new rule names no second file to edit
+    assert "__init__.py" not in doc.split("## A new rule is one file")[1].split("## Use it")[0]
 
 
 def test_metasgd_with_equal_rates_is_maml(tasks):

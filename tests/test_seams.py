@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meta.algorithms import IMAML, Reptile
+import meta
+from meta.algorithms import ALGORITHMS, IMAML, MAMLPlusPlus, ProtoNet, Reptile
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
     build_inner_rule,
@@ -25,6 +26,17 @@ MAP_LEARNERS = {
 }
 
 
+#: every algorithm as a learner on a small float64 model (MAML++ in a multi-step-loss, first-order phase)
+LEARNERS = {
+    **MAP_LEARNERS,
+    "maml": lambda: meta.MetaLearner(small_model(), meta.sgd(lr=0.3, learnable=True), 2),
+    "mamlpp": lambda: MAMLPlusPlus(small_model(), meta.rules.mamlpp(lr=0.3, steps=2, per_step_bn=False), 2,
+                                   msl_iterations=10, first_order_iterations=10),
+    "protonets": lambda: ProtoNet(small_model(), ways=5),
+}
+ALL_DRIVERS = ("vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads", "auto")
+
+
 @pytest.fixture(scope="module")
 def tasks():
     return random_tasks(tasks=4, ways=5, shots=2, queries=2, size=8)
@@ -38,7 +50,7 @@ def test_reptile_and_imaml_run_each_driver_they_accept(algorithm, driver, tasks)
     assert_same(learner.meta_gradient(tasks, driver=driver), reference)
     if driver == "auto":  # auto timed this learner's own candidates (it used to mean plain vmap, untimed)
         chosen = list(learner.auto_driver.choices.values())
-        assert len(chosen) == 1 and chosen[0].split("+")[0] in learner.drivers
+        assert len(chosen) == 1 and chosen[0] in learner.drivers()
 
 
 @pytest.mark.parametrize(("algorithm", "driver"), [("reptile", "vmap_autograd"), ("reptile", "loop_autograd"),
@@ -49,6 +61,52 @@ def test_reptile_and_imaml_refuse_drivers_without_a_meaning_for_them(algorithm, 
         learner.meta_gradient(tasks, driver=driver)
     with pytest.raises(ConfigError, match=f"algorithm={algorithm} does not run on driver={driver}"):
         load_config([f"algorithm={algorithm}", f"driver={driver}"])
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_honours_every_driver_or_refuses_it_at_start(algorithm, tasks):
+    """The one outer-strategy x driver table: each driver an algorithm accepts gives the loop driver's numbers
+    (float64, < 1e-10); each one it does not is refused, by the learner and by the config, before any work."""
+    learner = LEARNERS[algorithm]()
+    assert set(learner.supported_drivers()) == set(ALGORITHMS[algorithm].supported_drivers())
+    reference = learner.meta_gradient(tasks, driver="loop")
+    for driver in ALL_DRIVERS:
+        if driver in learner.supported_drivers():
+            assert_same(learner.meta_gradient(tasks, driver=driver), reference)
+            load_config([f"algorithm={algorithm}", f"driver={driver}"])
+        else:
+            with pytest.raises(ValueError, match=f"unknown driver '{driver}' for"):
+                learner.meta_gradient(tasks, driver=driver)
+            with pytest.raises(ConfigError, match=f"algorithm={algorithm} does not run on driver={driver}"):
+                load_config([f"algorithm={algorithm}", f"driver={driver}"])
+
+
+def test_learners_are_composed_not_subclassed():
+    """Every algorithm is a MetaLearner with its parts: no dummy rule for ProtoNets, MAML++'s annealing is a
+    phase of its schedule (its rule is never rewritten), the inner mini-batch a constructor argument."""
+    learners = {name: make() for name, make in LEARNERS.items()}
+    assert all(type(learner) is meta.MetaLearner for learner in learners.values())
+    assert learners["protonets"].rule is None and len(learners["protonets"].rule_params) == 0
+    mamlpp = learners["mamlpp"]
+    rule = mamlpp.rule
+    assert mamlpp.active_rule().first_order and mamlpp.phase.step_weights is not None
+    mamlpp.set_iteration(10, 20)
+    assert mamlpp.rule is rule and not mamlpp.active_rule().first_order and mamlpp.phase.step_weights is None
+    cfg = load_config([*TINY, "algorithm=reptile", "inner.batch_size=3"])
+    assert build_learner(cfg, torch.float64, torch.device("cpu")).inner_batch_size == 3
+
+
+def test_config_checks_of_an_algorithm_are_its_own(monkeypatch):
+    """validate() runs the algorithm's own check_config (beside the algorithm) and reports its error as a config
+    error; it holds no list of algorithm names for these checks."""
+
+    def refuse(cfg):
+        raise ValueError(f"algorithm={cfg.algorithm} refuses this on its own")
+
+    monkeypatch.setitem(ALGORITHMS, "reptile", ALGORITHMS["reptile"]._replace(check_config=refuse))
+    with pytest.raises(ConfigError, match="algorithm=reptile refuses this on its own"):
+        load_config(["algorithm=reptile"])
+    load_config(["algorithm=imaml"])
 
 
 def test_learnable_lr_false_means_a_fixed_step_for_momentum_too():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import meta
-from meta.drivers import AUTO_CANDIDATES
+from meta.drivers.auto import AUTO_CANDIDATES
 from meta.evaluation import mean_ci95
 from meta.training.builders import build_learner, build_samplers
 from meta.training.config import ConfigError, available_presets, load_config
@@ -115,12 +115,12 @@ def test_resume_keeps_the_auto_drivers_choice(tmp_path):
     assert len(state["auto_choices"]) == 1
     # a strategy auto never picks on its own on a CPU: a resumed run that timed the candidates again could not
     # end up with it
-    assert "vmap+unfold" not in AUTO_CANDIDATES["cpu"]
-    state["auto_choices"] = {key: "vmap+unfold" for key in state["auto_choices"]}
+    assert "loop" not in AUTO_CANDIDATES["backprop"]["cpu"]
+    state["auto_choices"] = {key: "loop" for key in state["auto_choices"]}
     torch.save(state, out / "checkpoint.pt")
     run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}", "resume=true")
     resumed = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert resumed["step"] == 6 and list(resumed["auto_choices"].values()) == ["vmap+unfold"]
+    assert resumed["step"] == 6 and list(resumed["auto_choices"].values()) == ["loop"]
 
 
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)

@@ -9,16 +9,19 @@ Nothing is backpropagated through the inner loop, so memory does not grow with t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 from torch.func import grad, jvp
 
-from meta.drivers import UNTHREADED_MAP_AUTO_CANDIDATES, UNTHREADED_MAP_DRIVERS, AutoDriver, TaskBatchResult
-from meta.learner import MetaLearner, Tasks, check_tasks
+from meta.algorithms.maml import check_adapted_head, check_no_inner_loop_knobs
+from meta.drivers import Direction, TaskFn
+from meta.learner import MetaLearner, OuterStrategy, Phase
 from meta.models.functional import functional_forward
-from meta.rules.base import InnerRule
+from meta.rules.base import InnerRule, apply_updates
+from meta.types import Params, Task
 
-Params = dict[str, torch.Tensor]
 Objective = Callable[[Params], torch.Tensor]
 
 
@@ -60,7 +63,8 @@ def proximal_adapt(
 
     phi, state = theta, rule.init(theta)
     for i in range(steps):
-        phi, state = rule.step(phi, grad(objective)(phi), state, rule_params, i)
+        updates, state = rule.update(grad(objective)(phi), state, phi, rule_params, i)
+        phi = apply_updates(phi, updates)
     return phi
 
 
@@ -77,35 +81,38 @@ def implicit_meta_grad(
     return conjugate_gradient(matvec, grad(query_loss)(phi), cg_steps)
 
 
-class IMAML(MetaLearner):
-    """iMAML on the shared core: same interface as :class:`MetaLearner`. ``evaluate`` adapts with the
-    proximal term ``test_lam`` (default ``lam``; the official code measures accuracy with 0).
-    The rule adapts every parameter and must have no learnable parameters. Nothing is backpropagated through
-    the inner loop, so it runs on :data:`meta.drivers.UNTHREADED_MAP_DRIVERS` (``vmap``, ``loop``, ``auto``;
-    its Hessian-vector products use forward-mode AD, which cannot run on several threads at once)."""
+class Implicit(OuterStrategy):
+    """iMAML's outer strategy: per task, ``steps`` of the rule on the proximal inner problem (strength ``lam``),
+    then the implicit meta-gradient by ``cg_steps`` of CG. :meth:`eval_fn` adapts with the proximal term
+    ``test_lam`` (default ``lam``; the official code measures accuracy with 0). The rule adapts every parameter
+    and must have no learnable parameters."""
 
-    drivers = UNTHREADED_MAP_DRIVERS
+    kind = "direction"
+    refused = {"loop_threads": "its Hessian-vector products use forward-mode AD (torch.func.jvp), whose dual level "
+                               "is process-global, so two threads running it break it"}
+    trains_rule_params = False
+    name = "iMAML"
 
-    def __init__(self, *args, lam: float = 2.0, cg_steps: int = 5, test_lam: float | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if len(self.rule_params):
-            raise ValueError(f"iMAML cannot train the rule parameters of {self.rule.name}; use a rule without any")
+    def __init__(self, lam: float = 2.0, cg_steps: int = 5, test_lam: float | None = None) -> None:
         self.lam, self.cg_steps = lam, cg_steps
         self.test_lam = lam if test_lam is None else test_lam
 
-    def _make_auto_driver(self) -> AutoDriver:
-        return AutoDriver(drivers=UNTHREADED_MAP_DRIVERS, candidates=UNTHREADED_MAP_AUTO_CANDIDATES)
+    def second_order(self, learner: MetaLearner, rule: InnerRule) -> bool:
+        return True  # Hessian-vector products
 
-    def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights=None) -> Callable:
+    def train_fn(self, learner: MetaLearner, rule: InnerRule, phase: Phase) -> TaskFn:
+        return self._task(learner, rule, learner.inner_steps, with_grad=True, lam=self.lam)
+
+    def eval_fn(self, learner: MetaLearner, rule: InnerRule, steps: int) -> TaskFn:
         """Per-task ``(query loss, (accuracy, phi))`` after the test-time proximal solve (no meta-gradient)."""
-        return self._task(inner_steps, rule, with_grad=False, lam=self.test_lam)
+        return self._task(learner, rule, steps, with_grad=False, lam=self.test_lam)
 
-    def _task(self, inner_steps: int | None, rule: InnerRule | None, with_grad: bool, lam: float) -> Callable:
-        forward, loss_fn = functional_forward(self.model), self.loss_fn
-        steps = self.inner_steps if inner_steps is None else inner_steps
-        rule = self.rule if rule is None else rule
+    def _task(self, learner: MetaLearner, rule: InnerRule, steps: int, with_grad: bool, lam: float) -> TaskFn:
+        forward, loss_fn, cg_steps = functional_forward(learner.model), learner.loss_fn, self.cg_steps
 
-        def fn(params, rule_params, buffers, sx, sy, qx, qy):
+        def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+            sx, sy, qx, qy = task
+
             def support_loss(p: Params) -> torch.Tensor:
                 return loss_fn(forward(p, buffers, sx), sy)
 
@@ -117,16 +124,26 @@ class IMAML(MetaLearner):
             loss, accuracy = loss_fn(logits, qy), (logits.argmax(-1) == qy).to(logits.dtype).mean()
             if not with_grad:
                 return loss, (accuracy, phi)
-            return loss, accuracy, implicit_meta_grad(support_loss, query_loss, phi, lam, self.cg_steps), phi
+            return Direction(loss, accuracy, implicit_meta_grad(support_loss, query_loss, phi, lam, cg_steps), {}, phi)
 
         return fn
 
-    @torch.no_grad()
-    def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
-        """Per-task proximal adaptation and implicit gradients on ``driver``, averaged over tasks."""
-        self._check_driver(driver, second_order=True)
-        tasks = check_tasks(tasks)
-        params, rule_params, buffers = self._detached_state()
-        run = self.auto_driver if driver == "auto" else self.drivers[driver]
-        return run(self._task(None, None, with_grad=True, lam=self.lam), params, rule_params, buffers, tasks,
-                   chunk_size)
+
+def IMAML(  # builds a MetaLearner, named like the algorithm
+    model: nn.Module, rule: InnerRule, inner_steps: int, lam: float = 2.0, cg_steps: int = 5,
+    test_lam: float | None = None, **parts,
+) -> MetaLearner:
+    """A :class:`MetaLearner` with the :class:`Implicit` outer strategy."""
+    return MetaLearner(model, rule, inner_steps, outer=Implicit(lam, cg_steps, test_lam), **parts)
+
+
+def check_config(cfg: Any) -> None:
+    """``algorithm=imaml``'s own checks: a MAML head, an inner loop of its own."""
+    check_adapted_head(cfg)
+    check_no_inner_loop_knobs(cfg)
+
+
+def build(cfg: Any, model: nn.Module, rule: InnerRule) -> MetaLearner:
+    """``algorithm=imaml``'s learner."""
+    return IMAML(model, rule, cfg.inner.steps, lam=cfg.imaml.lam, cg_steps=cfg.imaml.cg_steps,
+                 test_lam=cfg.imaml.test_lam)

@@ -1,16 +1,20 @@
 """MAML++ (Antoniou et al. 2019), outer-loop switches: multi-step loss (MSL) with annealed importance
-weights, and derivative-order annealing. LSLR and per-step BN are the rule :func:`meta.rules.mamlpp`;
-cosine annealing of the meta-lr is ``train.lr_schedule=cosine``."""
+weights, and derivative-order annealing, as a per-iteration schedule of MAML. LSLR and per-step BN are the rule
+:func:`meta.rules.mamlpp`; cosine annealing of the meta-lr is ``train.lr_schedule=cosine``."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meta.adaptation import LossFn
-from meta.learner import MetaLearner
-from meta.rules.base import InnerRule, first_order
+from meta.algorithms.maml import check_adapted_head, inner_loop
+from meta.learner import MetaLearner, Phase
+from meta.rules.base import InnerRule
 
 
 def msl_weights(steps: int, progress: float, min_fraction: float = 0.03) -> torch.Tensor:
@@ -24,38 +28,48 @@ def msl_weights(steps: int, progress: float, min_fraction: float = 0.03) -> torc
     return weights
 
 
-class MAMLPlusPlus(MetaLearner):
-    """A :class:`MetaLearner` whose training loss and derivative order follow the iteration.
+@dataclass(frozen=True)
+class MultiStepSchedule:
+    """MAML++'s phase at each iteration (a :data:`meta.learner.Schedule`).
 
-    * ``msl_iterations > 0``: for the first ``msl_iterations`` iterations the loss is the multi-step loss
-      weighted by :func:`msl_weights` (progress = iteration / msl_iterations); afterwards the last step only.
+    * ``msl_iterations > 0``: for the first ``msl_iterations`` iterations the loss is the multi-step loss weighted
+      by :func:`msl_weights` (progress = iteration / msl_iterations); afterwards the last step only.
     * ``first_order_iterations > 0``: first-order inner gradients for that many iterations, then second order.
-
-    With both 0 (and the rule's switches off) it is exactly MAML.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        rule: InnerRule,
-        inner_steps: int,
-        loss_fn: LossFn = F.cross_entropy,
-        msl_iterations: int = 0,
-        first_order_iterations: int = 0,
-    ) -> None:
-        super().__init__(model, rule, inner_steps, loss_fn)
-        self.base_rule = rule
-        self.msl_iterations = msl_iterations
-        self.first_order_iterations = first_order_iterations
-        self.set_iteration(0, 1)
+    steps: int
+    msl_iterations: int = 0
+    first_order_iterations: int = 0
 
-    def set_iteration(self, step: int, total: int) -> None:
-        """Pick the multi-step weights and the derivative order for iteration ``step``."""
-        annealing = step < self.first_order_iterations and not self.base_rule.first_order
-        self.rule = first_order(self.base_rule) if annealing else self.base_rule
-        self.step_weights = None
-        if step < self.msl_iterations and self.inner_steps > 1:
-            dtype = next(self.model.parameters()).dtype
-            device = next(self.model.parameters()).device
-            weights = msl_weights(self.inner_steps, step / self.msl_iterations)
-            self.step_weights = weights.to(device=device, dtype=dtype)
+    def __call__(self, step: int, total: int) -> Phase:
+        """The phase of iteration ``step`` (``total`` is not used: the switches count iterations)."""
+        weights = None
+        if step < self.msl_iterations and self.steps > 1:
+            weights = msl_weights(self.steps, step / self.msl_iterations)
+        return Phase(weights, step < self.first_order_iterations)
+
+
+def MAMLPlusPlus(  # builds a MetaLearner, named like the algorithm
+    model: nn.Module,
+    rule: InnerRule,
+    inner_steps: int,
+    loss_fn: LossFn = F.cross_entropy,
+    msl_iterations: int = 0,
+    first_order_iterations: int = 0,
+    **parts,
+) -> MetaLearner:
+    """MAML with the :class:`MultiStepSchedule`, at iteration 0. With both switches 0 (and the rule's off) it is
+    exactly MAML."""
+    learner = MetaLearner(model, rule, inner_steps, loss_fn,
+                          schedule=MultiStepSchedule(inner_steps, msl_iterations, first_order_iterations), **parts)
+    learner.set_iteration(0, 1)
+    return learner
+
+
+check_config = check_adapted_head
+
+
+def build(cfg: Any, model: nn.Module, rule: InnerRule) -> MetaLearner:
+    """``algorithm=mamlpp``'s learner."""
+    return MAMLPlusPlus(model, rule, cfg.inner.steps, msl_iterations=cfg.mamlpp.msl_iterations,
+                        first_order_iterations=cfg.mamlpp.first_order_iterations, **inner_loop(cfg))

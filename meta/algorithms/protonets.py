@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,11 +10,11 @@ from torch import nn
 from torch.func import functional_call
 
 from meta.adaptation import LossFn
-from meta.learner import MetaLearner
+from meta.algorithms.maml import check_no_inner_loop_knobs
+from meta.drivers import TaskFn
+from meta.learner import MetaLearner, OuterStrategy, Phase
 from meta.rules.base import InnerRule
-from meta.rules.sgd import sgd
-
-Params = dict[str, torch.Tensor]
+from meta.types import Params, Task
 
 
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
@@ -40,26 +40,43 @@ class _Embedder(nn.Module):
         return self.model.embed(x)
 
 
-class ProtoNet(MetaLearner):
-    """Nearest-prototype classification of ``model.embed`` features (the head is unused: zero gradient).
+class Prototypes(OuterStrategy):
+    """Nearest-prototype classification of ``model.embed`` features (the head is unused: zero gradient); no inner
+    loop, so no rule. Support and query pass through the network together, as in the official code, so batch
+    statistics are those of the whole episode. ``ways`` is the largest number of classes in an episode (labels
+    ``0 .. ways-1``); smaller episodes work too."""
 
-    Support and query pass through the network together, as in the official code, so batch statistics
-    are those of the whole episode. Same interface as :class:`MetaLearner`; inner steps and rules are ignored.
-    ``ways`` is the largest number of classes in an episode (labels ``0 .. ways-1``); smaller episodes work too.
-    """
+    uses_rule = False
+    name = "ProtoNets"
 
-    def __init__(self, model: nn.Module, ways: int, loss_fn: LossFn = F.cross_entropy) -> None:
-        super().__init__(model, sgd(), inner_steps=0, loss_fn=loss_fn)
+    def __init__(self, ways: int) -> None:
         self.ways = ways
 
-    def task_fn(self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights=None) -> Callable:
-        """Per-task ``(query loss, (accuracy, {}))`` of the prototype classifier."""
-        embedder, loss_fn, ways = _Embedder(self.model), self.loss_fn, self.ways
+    def train_fn(self, learner: MetaLearner, rule: InnerRule | None, phase: Phase) -> TaskFn:
+        return self.eval_fn(learner, rule, 0)
 
-        def fn(params, rule_params, buffers, sx, sy, qx, qy):
+    def eval_fn(self, learner: MetaLearner, rule: InnerRule | None, steps: int) -> TaskFn:
+        """Per-task ``(query loss, (accuracy, {}))`` of the prototype classifier."""
+        embedder, loss_fn, ways = _Embedder(learner.model), learner.loss_fn, self.ways
+
+        def fn(params: Params, rule_params: Params, buffers: Params, task: Task, autograd_inner: bool = False):
+            sx, sy, qx, qy = task  # (no inner loop: autograd_inner, which the loop_autograd driver sets, is moot)
             prefixed = ({f"model.{k}": v for k, v in params.items()}, {f"model.{k}": v for k, v in buffers.items()})
             embedded = functional_call(embedder, prefixed, (torch.cat([sx, qx]),))
             logits = prototype_logits(embedded[: len(sx)], sy, embedded[len(sx):], ways)
             return loss_fn(logits, qy), ((logits.argmax(-1) == qy).to(logits.dtype).mean(), {})
 
         return fn
+
+
+def ProtoNet(model: nn.Module, ways: int, loss_fn: LossFn = F.cross_entropy) -> MetaLearner:
+    """A :class:`MetaLearner` with the :class:`Prototypes` outer strategy (no rule, no inner steps)."""
+    return MetaLearner(model, None, 0, loss_fn, outer=Prototypes(ways))
+
+
+check_config = check_no_inner_loop_knobs  # no head: any task.train_ways
+
+
+def build(cfg: Any, model: nn.Module, rule: InnerRule | None) -> MetaLearner:
+    """``algorithm=protonets``'s learner (the rule is not used)."""
+    return ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or 0))

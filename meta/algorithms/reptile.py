@@ -2,49 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-import torch
+from torch import nn
 
-from meta.drivers import MAP_AUTO_CANDIDATES, MAP_DRIVERS, AutoDriver, TaskBatchResult
-from meta.learner import MetaLearner, Tasks, check_tasks
+from meta.algorithms.maml import check_adapted_head, inner_loop
+from meta.drivers import Direction, TaskFn
+from meta.learner import MetaLearner, OuterStrategy, Phase
+from meta.rules.base import InnerRule
+from meta.types import Params, Task
 
 
-class Reptile(MetaLearner):
-    """Adapts each task with the inner rule (Adam with beta1 = 0 in the paper) and no meta-differentiation.
+class ReptileDifference(OuterStrategy):
+    """A task's direction is ``initial - adapted`` (no meta-differentiation), so that plain SGD with learning rate
+    ``eps`` on the mean is Reptile's ``theta += eps * (mean(phi) - theta)`` (``train.optimizer=sgd``). ``loss`` and
+    ``accuracy`` are the query ones after adaptation, for logging. The rule must have no learnable parameters
+    (nothing would train them)."""
 
-    :meth:`meta_gradient` returns ``grads = initial - mean_tasks(adapted)``, so that plain SGD with
-    learning rate ``eps`` on them is Reptile's ``theta += eps * (mean(phi) - theta)`` (``train.optimizer=sgd``).
-    ``loss``/``accuracy`` are the query ones after adaptation, for logging. The rule must have no
-    learnable parameters (nothing would train them). There is no meta-backward pass, so its drivers are
-    :data:`meta.drivers.MAP_DRIVERS` (``vmap``, ``loop``, ``loop_threads``, and ``auto`` among them).
-    """
+    kind = "direction"
+    trains_rule_params = False
+    name = "Reptile"
 
-    drivers = MAP_DRIVERS
+    def train_fn(self, learner: MetaLearner, rule: InnerRule, phase: Phase) -> TaskFn:
+        task_fn = learner.task_fn(rule=rule)
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if len(self.rule_params):
-            raise ValueError(f"Reptile cannot train the rule parameters of {self.rule.name}; use a rule without any")
+        def direction(params: Params, rule_params: Params, buffers: Params, task: Task) -> Direction:
+            loss, (accuracy, adapted) = task_fn(params, rule_params, buffers, task)
+            return Direction(loss, accuracy, {k: params[k] - adapted[k] for k in params}, {}, adapted)
 
-    def _make_auto_driver(self) -> AutoDriver:
-        return AutoDriver(drivers=MAP_DRIVERS, candidates=MAP_AUTO_CANDIDATES)
+        return direction
 
-    def direction_fn(self) -> Callable:
-        """Per-task ``(query loss, accuracy, initial - adapted, adapted)``: the task's share of the Reptile step."""
-        task_fn = self.task_fn()
 
-        def fn(params, rule_params, buffers, sx, sy, qx, qy):
-            loss, (accuracy, adapted) = task_fn(params, rule_params, buffers, sx, sy, qx, qy)
-            return loss, accuracy, {k: params[k] - adapted[k] for k in params}, adapted
+def Reptile(model: nn.Module, rule: InnerRule, inner_steps: int, **parts) -> MetaLearner:  # named like the algorithm
+    """A :class:`MetaLearner` with the :class:`ReptileDifference` outer strategy (Adam with beta1 = 0 inside, in
+    the paper)."""
+    return MetaLearner(model, rule, inner_steps, outer=ReptileDifference(), **parts)
 
-        return fn
 
-    @torch.no_grad()
-    def meta_gradient(self, tasks: Tasks, driver: str = "vmap", chunk_size: int | None = None) -> TaskBatchResult:
-        """Adapt every task on ``driver`` and form the Reptile direction ``initial - mean_tasks(adapted)``."""
-        self._check_driver(driver, second_order=False)
-        tasks = check_tasks(tasks)
-        params, rule_params, buffers = self._detached_state()
-        run = self.auto_driver if driver == "auto" else self.drivers[driver]
-        return run(self.direction_fn(), params, rule_params, buffers, tasks, chunk_size)
+check_config = check_adapted_head
+
+
+def build(cfg: Any, model: nn.Module, rule: InnerRule) -> MetaLearner:
+    """``algorithm=reptile``'s learner."""
+    return Reptile(model, rule, cfg.inner.steps, **inner_loop(cfg))

@@ -9,28 +9,16 @@ import torch
 from einops import rearrange
 
 from meta.data.pool import ClassPool
+from meta.types import Task
 
 # Tasks drawn per internal step in ``evaluation_tasks``; fixed so that the evaluation set
 # does not depend on the caller's batch size.
 _EVAL_CHUNK = 100
 
 
-class TaskBatch(NamedTuple):
-    """A batch of ``T`` tasks; images are float in [0, 1], labels are 0..N-1."""
-
-    support_x: torch.Tensor  # float [T, N*K, C, H, W]
-    support_y: torch.Tensor  # long  [T, N*K]
-    query_x: torch.Tensor  # float [T, N*Q, C, H, W]
-    query_y: torch.Tensor  # long  [T, N*Q]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
-        """Return the batch with every tensor moved to ``device``."""
-        return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
-
-    @property
-    def num_tasks(self) -> int:
-        """Number of tasks ``T`` in the batch."""
-        return int(self.support_x.shape[0])
+#: A batch of ``T`` tasks: ``support_x`` float ``[T, N*K, C, H, W]`` in [0, 1], ``support_y`` long ``[T, N*K]``
+#: with labels 0..N-1, ``query_x`` and ``query_y`` likewise with ``N*Q`` examples.
+TaskBatch = Task
 
 
 class TaskIndices(NamedTuple):

@@ -18,7 +18,6 @@ from meta.models.networks import (
     MLP,
     Conv4,
     TaskConv2d,
-    conv_impl,
     initialize,
     set_conv_impl,
 )
@@ -63,7 +62,6 @@ __all__ = [
     "norm_parameters_of",
     "TaskConv2d",
     "set_conv_impl",
-    "conv_impl",
     "MLP",
     "Conv4",
     "Params",

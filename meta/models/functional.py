@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-Params = dict[str, torch.Tensor]
+from meta.types import Params
 
 
 def parameters_of(model: nn.Module) -> Params:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -17,19 +13,6 @@ DOWNSAMPLE_CHOICES = ("stride", "maxpool")
 
 
 CONV_IMPLS = ("native", "unfold")
-_CONV_IMPL: ContextVar[str] = ContextVar("conv_impl", default="native")
-
-
-@contextmanager
-def conv_impl(impl: str) -> Iterator[None]:
-    """Within this block, :class:`TaskConv2d` layers left at ``impl="context"`` use ``impl``."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
-    token = _CONV_IMPL.set(impl)
-    try:
-        yield
-    finally:
-        _CONV_IMPL.reset(token)
 
 
 class TaskConv2d(nn.Conv2d):
@@ -39,15 +22,13 @@ class TaskConv2d(nn.Conv2d):
     ``unfold`` + matmul: under ``vmap`` over tasks with per-task weights it becomes a batched
     matmul (and its gradients too), instead of the grouped convolution that the native
     batching rule produces, whose backward and double backward are slow on CPU.
-    ``impl="context"`` (the default) follows :func:`conv_impl`, which the ``auto`` driver sets;
-    outside such a block it is ``native``.
+    ``impl`` is an attribute (``native`` by default), set per model with :func:`set_conv_impl`.
     """
 
-    impl: str = "context"
+    impl: str = "native"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        impl = _CONV_IMPL.get() if self.impl == "context" else self.impl
-        if impl == "native":
+        if self.impl == "native":
             return super().forward(x)
         if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError("impl='unfold' supports plain zero-padded convolutions with groups=1")
@@ -62,8 +43,8 @@ class TaskConv2d(nn.Conv2d):
 
 
 def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
-    """Pin every :class:`TaskConv2d` of ``model`` to ``impl`` (``native``, ``unfold``, or ``context``)."""
-    if impl not in (*CONV_IMPLS, "context"):
+    """Set every :class:`TaskConv2d` of ``model`` to ``impl`` (``native`` or ``unfold``)."""
+    if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
     for module in model.modules():
         if isinstance(module, TaskConv2d):

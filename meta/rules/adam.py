@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from meta.rules import base
-from meta.rules.base import InnerRule, Params, State, register_rule
+from meta.rules.base import InnerRule, Params, register_rule, scalar_lr
+
+
+class AdamState(NamedTuple):
+    m: Params  # first moments
+    v: Params  # second moments
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -16,19 +22,19 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
 
 @register_rule("adam")
 def adam(
-    lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, first_order: bool = False
+    lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, learnable: bool = False
 ) -> InnerRule:
-    """Adam with bias correction; its moments start at zero for every task (state ``(m, v)``)."""
+    """Adam with bias correction; its moments start at zero for every task."""
 
-    def init(params: Params) -> State:
-        return {k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()}
+    def init(params: Params) -> AdamState:
+        return AdamState({k: torch.zeros_like(p) for k, p in params.items()},
+                         {k: torch.zeros_like(p) for k, p in params.items()})
 
-    def step(params: Params, grads: Params, state: State, rule_params: Params, i: int):
-        m = {k: beta1 * state[0][k] + (1 - beta1) * g for k, g in grads.items()}
-        v = {k: beta2 * state[1][k] + (1 - beta2) * g * g for k, g in grads.items()}
+    def update(grads: Params, state: AdamState, params: Params, rule_params: Params, i: int):
+        alpha = rule_params.get("lr", lr)
+        m = {k: beta1 * state.m[k] + (1 - beta1) * g for k, g in grads.items()}
+        v = {k: beta2 * state.v[k] + (1 - beta2) * g * g for k, g in grads.items()}
         c1, c2 = 1 - beta1 ** (i + 1), 1 - beta2 ** (i + 1)
-        new = {k: p - lr * (m[k] / c1) / (_safe_sqrt(v[k] / c2) + eps) for k, p in params.items()}
-        return new, (m, v)
+        return {k: -alpha * (m[k] / c1) / (_safe_sqrt(v[k] / c2) + eps) for k in params}, AdamState(m, v)
 
-    rule = InnerRule(name="adam", step=step, init=init)
-    return base.first_order(rule) if first_order else rule
+    return InnerRule(name="adam", update=update, init=init, init_rule_params=scalar_lr(lr, learnable))

@@ -1,26 +1,34 @@
-"""The inner-loop rule API.
+"""The inner-loop rule API, shaped like optax.
 
-A rule is a small bundle of pure functions, in the spirit of optax:
+A rule is a small bundle of pure functions:
 
-* ``init_rule_params(params) -> rule_params``: the rule's *learnable* tensors
-  (learning rates, preconditioners), created once and trained by the outer
-  optimizer together with the initialization. Empty for plain SGD.
-* ``init(params) -> state``: per-task state at the start of adaptation
-  (momentum buffers, step counters); ``()`` when there is none.
-* ``step(params, grads, state, rule_params, step_index) -> (params, state)``:
-  one inner update. No in-place ops, so it is differentiable and vmappable.
+* ``init_rule_params(params) -> rule_params``: the rule's *learnable* tensors (step sizes, preconditioners),
+  created once and trained by the outer optimizer together with the initialization. Empty for plain SGD.
+* ``init(params) -> state``: per-task state at the start of adaptation, a typed ``NamedTuple``
+  (:class:`EmptyState` when there is none).
+* ``update(grads, state, params, rule_params, i) -> (updates, state)``: the updates of one inner step (optax's
+  ``update(updates, state, params)`` with the rule's learnable tensors and the step index ``i``, a Python int,
+  added). No in-place ops, so it is differentiable and vmappable. :func:`apply_updates` adds them to the
+  parameters; a parameter without an update stays as it is.
 
-``params`` and ``grads`` hold only the parameters the rule adapts
-(``rule.adapts(name)``); the rest stay at their meta-learned values.
+Rules compose: :func:`chain` feeds one rule's updates to the next as its gradients (the per-sample-clipped SGD is
+``chain(clip_per_sample(clip), sgd(lr))``); :func:`first_order` detaches the inner gradients; :func:`masked`
+adapts only some parameters.
 
-Two optional hooks cover rules that need more than the mean gradient:
+``params`` and ``grads`` hold only the parameters the rule adapts (``rule.adapts(name)``); the rest stay at their
+meta-learned values. Two optional hooks cover rules that need more than the mean gradient:
 
-* ``per_sample=True``: ``step`` receives per-sample gradients, each shaped
-  ``[n_support, *param.shape]`` (``vmap(grad)`` over the support samples, nested
-  inside the vmap over tasks), instead of the gradient of the mean loss.
-* ``at_step(params, rule_params, step_index) -> params``: the parameters the
-  *forward pass* sees at inner step ``step_index`` (all of them, adapted or not),
-  e.g. MAML++'s per-step batch-norm weights. Default: unchanged.
+* ``per_sample=True``: ``update`` receives per-sample gradients, each shaped ``[n_support, *param.shape]``
+  (``vmap(grad)`` over the support samples, nested inside the vmap over tasks), instead of the gradient of the mean
+  loss, and returns updates shaped like the parameters.
+* ``at_step(params, rule_params, i) -> params``: the parameters the *forward pass* sees at inner step ``i`` (all
+  of them, adapted or not), e.g. MAML++'s per-step batch-norm weights. Default: unchanged.
+
+**Factory conventions** (every factory in this package follows them): every argument has a default, so
+``factory()`` builds a working rule; a rule with one scalar step size takes ``learnable: bool = False``, which
+makes it a meta-learned tensor ``rule_params["lr"]``; no factory takes ``first_order`` (wrap the rule with
+:func:`first_order`). A new rule is one file in ``meta/rules/`` with a factory decorated by
+:func:`register_rule`: importing :mod:`meta.rules` imports every module in the package.
 """
 
 from __future__ import annotations
@@ -28,16 +36,29 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-Params = dict[str, torch.Tensor]
-State = Any
+from meta.types import Params
 
 
-def _no_state(params: Params) -> State:
-    return ()
+class EmptyState(NamedTuple):
+    """The state of a rule without any."""
+
+
+class ChainState(NamedTuple):
+    """The state of a :func:`chain`: one state per chained rule."""
+
+    states: tuple
+
+
+#: a rule's per-task state: a NamedTuple of tensor dicts (or of other states)
+State = tuple
+
+
+def _no_state(params: Params) -> EmptyState:
+    return EmptyState()
 
 
 def _no_rule_params(params: Params) -> Params:
@@ -57,7 +78,7 @@ class InnerRule:
     """An inner-loop update rule (see the module docstring)."""
 
     name: str
-    step: Callable[[Params, Params, State, Params, int], tuple[Params, State]]
+    update: Callable[[Params, State, Params, Params, int], tuple[Params, State]]
     init: Callable[[Params], State] = _no_state
     init_rule_params: Callable[[Params], Params] = _no_rule_params
     adapts: Callable[[str], bool] = _adapt_all
@@ -66,14 +87,31 @@ class InnerRule:
     at_step: Callable[[Params, Params, int], Params] = _same_params
 
 
+def apply_updates(params: Params, updates: Params) -> Params:
+    """``params + updates`` (optax's ``apply_updates``); parameters without an update are returned unchanged."""
+    return {k: p + updates[k] if k in updates else p for k, p in params.items()}
+
+
+def scalar_lr(lr: float, learnable: bool) -> Callable[[Params], Params]:
+    """``init_rule_params`` of a rule with one scalar step size: ``{"lr": lr}`` as a meta-learned tensor if
+    ``learnable``, else nothing (the rule then reads ``rule_params.get("lr", lr)``, the constant)."""
+
+    def init_rule_params(params: Params) -> Params:
+        if not learnable:
+            return {}
+        return {"lr": torch.tensor(float(lr), dtype=next(iter(params.values())).dtype)}
+
+    return init_rule_params
+
+
 def first_order(rule: InnerRule) -> InnerRule:
     """The same rule with its inner gradients detached (first-order MAML and friends)."""
-    inner_step = rule.step
+    inner_update = rule.update
 
-    def step(params: Params, grads: Params, state: State, rule_params: Params, i: int):
-        return inner_step(params, {k: g.detach() for k, g in grads.items()}, state, rule_params, i)
+    def update(grads: Params, state: State, params: Params, rule_params: Params, i: int) -> tuple[Params, State]:
+        return inner_update({k: g.detach() for k, g in grads.items()}, state, params, rule_params, i)
 
-    return dataclasses.replace(rule, name=f"first_order({rule.name})", step=step, first_order=True)
+    return dataclasses.replace(rule, name=f"first_order({rule.name})", update=update, first_order=True)
 
 
 def masked(rule: InnerRule, adapts: Callable[[str], bool], label: str = "mask") -> InnerRule:
@@ -84,10 +122,50 @@ def masked(rule: InnerRule, adapts: Callable[[str], bool], label: str = "mask") 
     )
 
 
+def chain(*rules: InnerRule, name: str | None = None) -> InnerRule:
+    """Rules applied in turn, each taking the previous one's updates as its gradients (optax's ``chain``).
+
+    Only the first may be ``per_sample`` (it turns per-sample gradients into one update per parameter). Their
+    learnable tensors are merged (names must differ), their ``at_step`` hooks applied in order, and a parameter
+    adapts if every rule adapts it."""
+    if any(r.per_sample for r in rules[1:]):
+        raise ValueError("only the first rule of a chain may take per-sample gradients")
+
+    def init(params: Params) -> ChainState:
+        return ChainState(tuple(r.init(params) for r in rules))
+
+    def init_rule_params(params: Params) -> Params:
+        merged: Params = {}
+        for r in rules:
+            own = r.init_rule_params(params)
+            if merged.keys() & own.keys():
+                raise ValueError(f"chained rules share learnable tensor names {sorted(merged.keys() & own.keys())}")
+            merged |= own
+        return merged
+
+    def update(grads: Params, state: ChainState, params: Params, rule_params: Params, i: int):
+        states = []
+        for r, s in zip(rules, state.states):
+            grads, s = r.update(grads, s, params, rule_params, i)
+            states.append(s)
+        return grads, ChainState(tuple(states))
+
+    def at_step(params: Params, rule_params: Params, i: int) -> Params:
+        for r in rules:
+            params = r.at_step(params, rule_params, i)
+        return params
+
+    return InnerRule(
+        name=name or f"chain({', '.join(r.name for r in rules)})", update=update, init=init,
+        init_rule_params=init_rule_params, adapts=lambda k: all(r.adapts(k) for r in rules),
+        first_order=any(r.first_order for r in rules), per_sample=rules[0].per_sample, at_step=at_step,
+    )
+
+
 RuleFactory = Callable[..., InnerRule]
 
 #: Every registered rule factory. Each must build a working rule when called
-#: with no arguments; tests check every entry under both drivers.
+#: with no arguments; tests check every entry under every driver.
 RULES: dict[str, RuleFactory] = {}
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from meta.rules import base
-from meta.rules.base import InnerRule, Params, State, register_rule
+from meta.rules.base import EmptyState, InnerRule, Params, register_rule
 
 
 def norm_parameter_names(params: Params) -> set[str]:
@@ -21,7 +20,7 @@ def norm_parameter_names(params: Params) -> set[str]:
 
 @register_rule("mamlpp")
 def mamlpp(
-    lr: float = 0.1, steps: int = 5, lslr: bool = True, per_step_bn: bool = True, first_order: bool = False
+    lr: float = 0.1, steps: int = 5, lslr: bool = True, per_step_bn: bool = True
 ) -> InnerRule:
     """SGD with, as separate switches, a learnable learning rate per parameter tensor and per step (LSLR,
     ``lr.<name>``: ``[steps]``) and per-step norm weights and biases (``bn.<name>``: ``[steps, *shape]``),
@@ -40,12 +39,9 @@ def mamlpp(
         j = min(i, steps - 1)
         return {k: rule_params[f"bn.{k}"][j] if f"bn.{k}" in rule_params else p for k, p in params.items()}
 
-    def step(params: Params, grads: Params, state: State, rule_params: Params, i: int):
-        j = min(i, steps - 1)
-        return {
-            k: p if f"bn.{k}" in rule_params else p - (rule_params[f"lr.{k}"][j] if lslr else lr) * grads[k]
-            for k, p in params.items()
-        }, state
+    def update(grads: Params, state: EmptyState, params: Params, rule_params: Params, i: int):
+        j = min(i, steps - 1)  # the per-step norm parameters get no update: they are not adapted
+        return {k: -(rule_params[f"lr.{k}"][j] if lslr else lr) * grads[k] for k in params
+                if f"bn.{k}" not in rule_params}, state
 
-    rule = InnerRule(name="mamlpp", step=step, init_rule_params=init_rule_params, at_step=at_step)
-    return base.first_order(rule) if first_order else rule
+    return InnerRule(name="mamlpp", update=update, init_rule_params=init_rule_params, at_step=at_step)

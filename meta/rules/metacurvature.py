@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from meta.rules import base
-from meta.rules.base import InnerRule, Params, State, register_rule
+from meta.rules.base import EmptyState, InnerRule, Params, register_rule
 
 
 def _factor_sizes(shape: torch.Size) -> dict[str, int]:
@@ -33,19 +32,18 @@ def precondition(g: torch.Tensor, m: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @register_rule("metacurvature")
-def metacurvature(lr: float = 0.4, first_order: bool = False) -> InnerRule:
-    """``p - lr * mc(g)`` with per-layer Kronecker factors ``<name>.out``, ``<name>.in``, ``<name>.filter``
+def metacurvature(lr: float = 0.4) -> InnerRule:
+    """Updates ``-lr * mc(g)`` with per-layer Kronecker factors ``<name>.out``, ``<name>.in``, ``<name>.filter``
     (``<name>.vec`` for 1-D parameters), initialized to identities, so that it starts as MAML."""
 
     def init_rule_params(params: Params) -> Params:
         return {f"{k}.{f}": torch.eye(n, dtype=p.dtype) for k, p in params.items()
                 for f, n in _factor_sizes(p.shape).items()}
 
-    def step(params: Params, grads: Params, state: State, rule_params: Params, i: int):
+    def update(grads: Params, state: EmptyState, params: Params, rule_params: Params, i: int):
         def factors(k: str) -> dict[str, torch.Tensor]:
             return {f: rule_params[f"{k}.{f}"] for f in _factor_sizes(params[k].shape)}
 
-        return {k: p - lr * precondition(grads[k], factors(k)) for k, p in params.items()}, state
+        return {k: -lr * precondition(grads[k], factors(k)) for k in params}, state
 
-    rule = InnerRule(name="metacurvature", step=step, init_rule_params=init_rule_params)
-    return base.first_order(rule) if first_order else rule
+    return InnerRule(name="metacurvature", update=update, init_rule_params=init_rule_params)

@@ -8,17 +8,15 @@ import math
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from meta.algorithms import IMAML, MAMLPlusPlus, ProtoNet, Reptile
+from meta.algorithms import ALGORITHMS
 from meta.data import ClassPool, TaskSampler, load_mnist, load_omniglot, synthetic_pool
 from meta.learner import MetaLearner
 from meta.models import build_model, norm_parameters_of
 from meta.rules import RULES, InnerRule, build_rule, first_order, masked
 
 SPLITS = ("train", "val", "test")
-#: the learner class of each ``algorithm`` (constructed by :func:`build_learner`)
-LEARNER_CLASSES: dict[str, type[MetaLearner]] = {
-    "maml": MetaLearner, "mamlpp": MAMLPlusPlus, "reptile": Reptile, "imaml": IMAML, "protonets": ProtoNet,
-}
+#: the former name of :data:`meta.algorithms.ALGORITHMS` (``LEARNER_CLASSES[algorithm].supported_drivers()`` works)
+LEARNER_CLASSES = ALGORITHMS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,26 +81,9 @@ def build_samplers(cfg: DictConfig, device: torch.device) -> dict[str, TaskSampl
 
 
 def build_learner(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> MetaLearner:
-    """Model (weights drawn from ``cfg.seed``) and inner rule wrapped in a ``MetaLearner``."""
+    """Model (weights drawn from ``cfg.seed``) and inner rule composed into ``cfg.algorithm``'s learner."""
     model = build_model_from_config(cfg, torch.Generator().manual_seed(cfg.seed))
-    rule, steps = build_inner_rule(cfg), cfg.inner.steps
-    if cfg.algorithm == "maml":
-        learner = MetaLearner(model, rule, inner_steps=steps)
-    elif cfg.algorithm == "mamlpp":
-        learner = MAMLPlusPlus(model, rule, steps, msl_iterations=cfg.mamlpp.msl_iterations,
-                               first_order_iterations=cfg.mamlpp.first_order_iterations)
-    elif cfg.algorithm == "reptile":
-        learner = Reptile(model, rule, steps)
-    elif cfg.algorithm == "imaml":
-        learner = IMAML(model, rule, steps, lam=cfg.imaml.lam, cg_steps=cfg.imaml.cg_steps,
-                        test_lam=cfg.imaml.test_lam)
-    elif cfg.algorithm == "protonets":
-        learner = ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or 0))
-    else:
-        raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
-    learner.inner_batch_size = cfg.inner.batch_size
-    learner.inner_loss_reduction = cfg.inner.loss_reduction
-    learner = learner.to(device=device, dtype=dtype)
+    learner = ALGORITHMS[cfg.algorithm].build(cfg, model, build_inner_rule(cfg)).to(device=device, dtype=dtype)
     learner.set_iteration(0, cfg.train.iterations)  # schedules follow the new dtype and device
     return learner
 
@@ -183,13 +164,16 @@ def check_test_rule(cfg: DictConfig, learner: MetaLearner, test_rule: InnerRule)
     from meta-learned tensors, such as Meta-SGD's or MAML++'s LSLR). No-op when ``inner.test_lr`` is null."""
     if cfg.inner.test_lr is None or cfg.inner.test_lr == cfg.inner.lr:
         return
+    if learner.rule is None:
+        raise ValueError(f"inner.test_lr={cfg.inner.test_lr} has no effect on algorithm={cfg.algorithm}: it has no "
+                         f"inner loop; leave inner.test_lr null")
     params, rule_params, _ = learner.functional_state()
     fast = {k: v.detach() for k, v in params.items() if learner.rule.adapts(k)}
     shape = (1,) if learner.rule.per_sample else ()  # per-sample rules take [samples, *shape] gradients
     grads = {k: torch.ones(shape + v.shape, dtype=v.dtype, device=v.device) for k, v in fast.items()}
     rule_params = {k: v.detach() for k, v in rule_params.items()}
-    stepped = [rule.step(fast, grads, rule.init(fast), rule_params, 0)[0] for rule in (learner.rule, test_rule)]
-    if all(torch.equal(stepped[0][k], stepped[1][k]) for k in fast):
+    updates = [rule.update(grads, rule.init(fast), fast, rule_params, 0)[0] for rule in (learner.rule, test_rule)]
+    if updates[0].keys() == updates[1].keys() and all(torch.equal(updates[0][k], updates[1][k]) for k in updates[0]):
         raise ValueError(f"inner.test_lr={cfg.inner.test_lr} has no effect on rule {learner.rule.name!r}: its step "
                          f"size comes from meta-learned tensors ({', '.join(sorted(rule_params)) or 'none'}); "
                          f"leave inner.test_lr null")

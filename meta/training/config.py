@@ -386,29 +386,24 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
-    if cfg.task.train_ways not in (None, cfg.task.ways) and cfg.algorithm != "protonets":
-        raise ConfigError(f"task.train_ways={cfg.task.train_ways} differs from task.ways={cfg.task.ways}, but "
-                          f"algorithm={cfg.algorithm} adapts a {cfg.task.ways}-way linear head, which fixes the ways; "
-                          f"only protonets (no head) can train on other ways")
-    if cfg.inner.batch_size is not None and cfg.algorithm in ("imaml", "protonets"):
-        raise ConfigError(f"inner.batch_size applies to the inner loops of maml, mamlpp and reptile, not "
-                          f"algorithm={cfg.algorithm}")
+    from meta.algorithms import ALGORITHMS
+
+    algorithm = ALGORITHMS[cfg.algorithm]
+    try:
+        algorithm.check_config(cfg)  # the checks that belong to the algorithm live beside it
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _validate_data(cfg.data)
     if cfg.model.norm_affine != "gamma_beta" and cfg.model.norm != "task_bn":
         raise ConfigError(f"model.norm_affine={cfg.model.norm_affine} needs model.norm=task_bn (got "
                           f"{cfg.model.norm}); set model.norm_affine=gamma_beta")
-    if cfg.inner.loss_reduction != "mean" and cfg.algorithm in ("imaml", "protonets"):
-        raise ConfigError(f"inner.loss_reduction={cfg.inner.loss_reduction} applies to the inner loops of maml, "
-                          f"mamlpp and reptile, not algorithm={cfg.algorithm}; set inner.loss_reduction=mean")
     if (cfg.inner.rule == "mamlpp" and cfg.inner.options.get("per_step_bn", True)
             and cfg.model.norm_affine != "gamma_beta"):
         raise ConfigError(f"inner.rule=mamlpp with per-step batch norm finds norm layers by their gamma; "
                           f"model.norm_affine={cfg.model.norm_affine} has none: set model.norm_affine=gamma_beta")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
-    from meta.training.builders import LEARNER_CLASSES
-
-    drivers = LEARNER_CLASSES[cfg.algorithm].supported_drivers()
+    drivers = algorithm.supported_drivers()
     if cfg.driver not in drivers:
         raise ConfigError(f"algorithm={cfg.algorithm} does not run on driver={cfg.driver}; choose one of {drivers}")
     if cfg.train.cuda_graph:
@@ -416,7 +411,7 @@ def validate(cfg: DictConfig) -> None:
 
         if cfg.device == "cpu":
             raise ConfigError("train.cuda_graph=true needs device=cuda (or auto on a machine with CUDA)")
-        supported = cfg.algorithm in ("maml", "mamlpp") and cfg.train.optimizer == "adam"
+        supported = algorithm.cuda_graph and cfg.train.optimizer == "adam"
         if not supported or cfg.driver not in GRAPHABLE_DRIVERS:
             raise ConfigError(f"train.cuda_graph=true supports algorithm maml or mamlpp with train.optimizer=adam "
                               f"and any driver but loop_threads, not algorithm={cfg.algorithm}, "

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from meta.learner import MetaLearner
-
-Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+from meta.learner import MetaLearner, Tasks
 
 #: drivers whose work can be captured (``loop_threads`` runs on CPU threads)
 GRAPHABLE_DRIVERS = ("auto", "vmap", "vmap_autograd", "loop", "loop_autograd")
@@ -62,16 +60,18 @@ class GraphedMetaStep:
             p.grad = torch.zeros_like(p)
 
     def _signature(self, tasks: Tasks) -> tuple:
-        rule, weights = self.learner.rule, self.learner.step_weights
-        return (tuple((tuple(t.shape), t.dtype) for t in tasks), getattr(rule, "name", None), rule.first_order,
+        rule, weights = self.learner.active_rule(), self.learner.phase.step_weights
+        return (tuple((tuple(t.shape), t.dtype) for t in tasks), getattr(rule, "name", None),
+                getattr(rule, "first_order", False),
                 None if weights is None else tuple(weights.shape))
 
     def _body(self, tasks: Tasks, step_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        saved, self.learner.step_weights = self.learner.step_weights, step_weights
+        saved = self.learner.phase  # the graph reads the multi-step weights from its own fixed buffer
+        self.learner.phase = saved._replace(step_weights=step_weights)
         try:  # write_grads copies into the fixed .grad buffers
             result = self.learner.train_step(self.optimizer, tasks, driver=self.driver, chunk_size=self.chunk_size)
         finally:
-            self.learner.step_weights = saved
+            self.learner.phase = saved
         return result.loss, result.accuracy
 
     def __call__(self, tasks: Tasks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +81,7 @@ class GraphedMetaStep:
             for buffer, t in zip(static_tasks, tasks):
                 buffer.copy_(t)
             if static_weights is not None:
-                static_weights.copy_(self.learner.step_weights)
+                static_weights.copy_(self.learner.phase.step_weights)
             graph.replay()
             return outputs
         if self.eager_steps.get(key, 0) < self.warmup_steps:  # a real step, on a side stream as capture needs
@@ -89,11 +89,11 @@ class GraphedMetaStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                outputs = self._body(tasks, self.learner.step_weights)
+                outputs = self._body(tasks, self.learner.phase.step_weights)
             torch.cuda.current_stream().wait_stream(side)
             return outputs
         static_tasks = tuple(t.clone() for t in tasks)
-        weights = self.learner.step_weights
+        weights = self.learner.phase.step_weights
         static_weights = None if weights is None else weights.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # its own memory pool: replaying one graph never touches another's outputs

@@ -1,0 +1,230 @@
+"""Drivers: run a per-task function over a batch of tasks, and the one "outer gradient x driver" table.
+
+A driver takes one :class:`Problem` (the per-task function, the shared parameter trees, the task batch and an
+optional ``chunk_size``) and returns a :class:`TaskBatchResult`. What it maps depends on how the outer strategy
+gets its per-task direction (:data:`OUTER_KINDS`):
+
+* ``backprop``: ``task_fn(params, rule_params, buffers, task, autograd_inner=False) -> (loss, (accuracy,
+  adapted))`` is differentiated (MAML in second or first order, MAML++, ProtoNets); the direction is the gradient
+  of the mean query loss, by ``torch.func.grad`` (``vmap``, ``loop``) or plain autograd (``*_autograd``).
+* ``direction``: ``task_fn(params, rule_params, buffers, task) -> Direction`` returns its own per-task direction
+  (Reptile's difference, iMAML's implicit gradient); the drivers only map it and average.
+
+:data:`DRIVERS` maps ``(kind, driver name)`` to the driver; ``auto`` (:mod:`meta.drivers.auto`) chooses among them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+from torch.func import grad_and_value
+
+from meta.models.functional import autograd_grads, detached
+from meta.types import Params, Task
+
+#: ``backprop``: the driver differentiates the per-task loss; ``direction``: the per-task function returns its
+#: own direction (see the module docstring)
+OUTER_KINDS = ("backprop", "direction")
+
+
+class TaskBatchResult(NamedTuple):
+    """Per-task losses and accuracies, meta-gradients of the mean loss, and adapted parameters."""
+
+    loss: torch.Tensor  # [tasks]
+    accuracy: torch.Tensor  # [tasks]
+    grads: Params  # d mean(loss) / d params (or the mean per-task direction)
+    rule_grads: Params  # d mean(loss) / d rule_params
+    adapted: Params  # [tasks, ...] per-task adapted parameters
+
+
+class Direction(NamedTuple):
+    """One task's outcome and its share of the outer direction (stacked over tasks by the drivers)."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    grads: Params
+    rule_grads: Params
+    adapted: Params
+
+
+TaskFn = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, Params]] | Direction]
+
+
+class Problem(NamedTuple):
+    """What every driver runs: ``task_fn`` over the tasks of ``tasks`` with shared ``params``, ``rule_params``
+    and ``buffers``; ``chunk_size`` bounds how many tasks are vmapped at once (None: all)."""
+
+    task_fn: TaskFn
+    params: Params
+    rule_params: Params
+    buffers: Params
+    tasks: Task
+    chunk_size: int | None = None
+
+
+Driver = Callable[[Problem], TaskBatchResult]
+
+#: vmap over the task dimension of the task batch; parameters, rule parameters and buffers are shared.
+TASK_IN_DIMS = (None, None, None, 0)
+
+
+def _stack(trees: list[Params]) -> Params:
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
+def _mean_over_tasks(tree: Params) -> Params:
+    return {k: v.mean(dim=0) for k, v in tree.items()}
+
+
+def _averaged(per_task: Direction) -> TaskBatchResult:
+    """The batch result of per-task directions stacked over tasks: their mean."""
+    return TaskBatchResult(per_task.loss, per_task.accuracy, _mean_over_tasks(per_task.grads),
+                           _mean_over_tasks(per_task.rule_grads), per_task.adapted)
+
+
+def map_vmap(problem: Problem) -> TaskBatchResult:
+    """``torch.vmap`` of a direction-returning per-task function over tasks, then the mean direction."""
+    task_fn, params, rule_params, buffers, tasks, chunk_size = problem
+    return _averaged(torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)(params, rule_params, buffers,
+                                                                                        tasks))
+
+
+def map_loop(problem: Problem) -> TaskBatchResult:
+    """The reference: a Python for-loop over tasks calling the same per-task function."""
+    task_fn, params, rule_params, buffers, tasks, _ = problem
+    rows = [task_fn(params, rule_params, buffers, tasks.select(i)) for i in range(tasks.num_tasks)]
+    return _averaged(Direction(
+        torch.stack([r.loss for r in rows]), torch.stack([r.accuracy for r in rows]), _stack([r.grads for r in rows]),
+        _stack([r.rule_grads for r in rows]), _stack([r.adapted for r in rows]),
+    ))
+
+
+def with_func_grad(task_fn: TaskFn) -> Callable[..., Direction]:
+    """A loss-returning per-task function turned into a direction-returning one: its ``torch.func`` gradient
+    in the parameters and the rule parameters."""
+
+    def direction(params: Params, rule_params: Params, buffers: Params, task: Task) -> Direction:
+        (g_params, g_rule), (loss, (accuracy, adapted)) = grad_and_value(task_fn, argnums=(0, 1), has_aux=True)(
+            params, rule_params, buffers, task)
+        return Direction(loss, accuracy, g_params, g_rule, adapted)
+
+    return direction
+
+
+def vmap_driver(problem: Problem) -> TaskBatchResult:
+    """``torch.func.grad`` of the per-task loss inside ``torch.vmap`` over tasks. ``chunk_size`` bounds memory:
+    at most that many tasks are differentiated at once."""
+    return map_vmap(problem._replace(task_fn=with_func_grad(problem.task_fn)))
+
+
+def loop_driver(problem: Problem) -> TaskBatchResult:
+    """The reference: an explicit Python for-loop over tasks, ``torch.func.grad`` of each task's loss."""
+    return map_loop(problem._replace(task_fn=with_func_grad(problem.task_fn)))
+
+
+def _leaves(tree: Params) -> Params:
+    return {k: v.detach().requires_grad_(True) for k, v in tree.items()}
+
+
+def vmap_autograd_driver(problem: Problem) -> TaskBatchResult:
+    """The functorch-example shape: ``vmap`` of the per-task function (inner ``torch.func.grad``), then one
+    plain-autograd backward of the mean loss. Often the fastest; ``chunk_size`` does not bound memory here,
+    because the graph of every chunk is kept for the backward."""
+    task_fn, params, rule_params, buffers, tasks, chunk_size = problem
+    leaves, rule_leaves = _leaves(params), _leaves(rule_params)
+    with torch.enable_grad():
+        per_task = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)
+        loss, (accuracy, adapted) = per_task(leaves, rule_leaves, buffers, tasks)
+        g_params, g_rule = autograd_grads(loss.mean(), (leaves, rule_leaves))
+    return TaskBatchResult(loss.detach(), accuracy.detach(), g_params, g_rule, detached(adapted))
+
+
+def loop_autograd_driver(problem: Problem) -> TaskBatchResult:
+    """learn2learn's shape: a Python loop over tasks, plain autograd for the inner gradients
+    (``autograd_inner=True``) and for one backward per task (memory of one task)."""
+    task_fn, params, rule_params, buffers, tasks, _ = problem
+    leaves, rule_leaves = _leaves(params), _leaves(rule_params)
+    num_tasks = tasks.num_tasks
+    losses, accuracies, adapted, g_params, g_rule = [], [], [], None, None
+    for i in range(num_tasks):
+        with torch.enable_grad():
+            loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, tasks.select(i), autograd_inner=True)
+            gp, gr = autograd_grads(loss / num_tasks, (leaves, rule_leaves))
+        g_params = gp if g_params is None else {k: g_params[k] + gp[k] for k in gp}
+        g_rule = gr if g_rule is None else {k: g_rule[k] + gr[k] for k in gr}
+        losses.append(loss.detach())
+        accuracies.append(accuracy.detach())
+        adapted.append(detached(fast))
+    return TaskBatchResult(torch.stack(losses), torch.stack(accuracies), g_params, g_rule, _stack(adapted))
+
+
+def threaded(driver: Driver) -> Driver:
+    """``driver`` on torch's intra-op thread count of threads, each running its share of the tasks with
+    single-threaded kernels. PyTorch kernels and autograd release the GIL, so the shares run in parallel; on a
+    CPU this beats splitting each small kernel across threads. Memory: that of one share per thread at once."""
+
+    def threaded_driver(problem: Problem) -> TaskBatchResult:
+        num_tasks = problem.tasks.num_tasks
+        workers = max(1, min(torch.get_num_threads(), num_tasks))
+        shares = [torch.arange(num_tasks)[w::workers] for w in range(workers)]  # task i goes to worker i % workers
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # new threads take this count; restored below
+        try:
+            # Each thread calls the model through its own copy: functional_call swaps tensors into the module while
+            # it runs, so two threads on one module would see each other's weights. meta.models.functional_forward
+            # makes that thread-local copy; it is the one piece of hidden per-thread state, and it must exist.
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(lambda share: driver(problem._replace(tasks=problem.tasks.select(share))),
+                                      shares))
+        finally:
+            torch.set_num_threads(threads)
+        order = torch.cat(shares).argsort()  # back to task order
+
+        def weighted_sum(trees: list[Params]) -> Params:  # each part holds the mean over its own share
+            return {k: sum(len(sh) / num_tasks * tree[k] for sh, tree in zip(shares, trees)) for k in trees[0]}
+
+        return TaskBatchResult(
+            torch.cat([p.loss for p in parts])[order],
+            torch.cat([p.accuracy for p in parts])[order],
+            weighted_sum([p.grads for p in parts]),
+            weighted_sum([p.rule_grads for p in parts]),
+            {k: torch.cat([p.adapted[k] for p in parts])[order] for k in parts[0].adapted},
+        )
+
+    threaded_driver.__doc__ = f"``{driver.__name__}`` on several threads (see :func:`threaded`)."
+    return threaded_driver
+
+
+def vmap_forward(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task query loss and accuracy of a loss-returning per-task function, without a meta-gradient."""
+    task_fn, params, rule_params, buffers, tasks, chunk_size = problem
+    loss, (accuracy, _) = torch.vmap(task_fn, in_dims=TASK_IN_DIMS, chunk_size=chunk_size)(params, rule_params,
+                                                                                           buffers, tasks)
+    return loss, accuracy
+
+
+#: The one table: ``(outer kind, driver name) -> driver``. ``auto`` (:class:`meta.drivers.auto.AutoDriver`) is not
+#: in it: each learner owns one, which times the entries of its kind and caches its choice.
+DRIVERS: dict[tuple[str, str], Driver] = {
+    ("backprop", "vmap"): vmap_driver,
+    ("backprop", "loop"): loop_driver,
+    ("backprop", "vmap_autograd"): vmap_autograd_driver,
+    ("backprop", "loop_autograd"): loop_autograd_driver,
+    ("backprop", "loop_threads"): threaded(loop_autograd_driver),
+    # no meta-backward pass: nothing for the *_autograd drivers to differ in
+    ("direction", "vmap"): map_vmap,
+    ("direction", "loop"): map_loop,
+    ("direction", "loop_threads"): threaded(map_loop),
+}
+#: Drivers that may run the per-task function under ``torch.vmap`` (for the fused-norm check).
+VECTORIZED_DRIVERS = ("vmap", "vmap_autograd", "auto")
+
+
+def drivers_of(kind: str, refused: tuple[str, ...] = ()) -> dict[str, Driver]:
+    """The drivers of an outer ``kind`` (:data:`OUTER_KINDS`), by name, less the ``refused`` ones."""
+    if kind not in OUTER_KINDS:
+        raise ValueError(f"unknown outer kind {kind!r}; choose one of {OUTER_KINDS}")
+    return {name: fn for (k, name), fn in DRIVERS.items() if k == kind and name not in refused}

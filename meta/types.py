@@ -1,0 +1,35 @@
+"""The two types every layer shares: a parameter tree and a task (support and query tensors)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+#: name -> tensor, as ``nn.Module.named_parameters()`` gives them (model parameters, rule tensors, gradients)
+Params = dict[str, torch.Tensor]
+
+
+class Task(NamedTuple):
+    """One task's tensors, or a batch of tasks with a leading task dimension (``[tasks, examples, ...]``).
+
+    A named tuple is a pytree, so ``torch.vmap(fn, in_dims=(..., 0))`` maps over the task dimension of all four.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Task:
+        """The same tensors on ``device``."""
+        return Task(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def num_tasks(self) -> int:
+        """The size of the leading task dimension (of a batch)."""
+        return len(self.support_x)
+
+    def select(self, index: int | torch.Tensor) -> Task:
+        """Task ``index`` of a batch (an int), or the sub-batch of the tasks at ``index`` (an index tensor)."""
+        return Task(*(t[index] for t in self))
