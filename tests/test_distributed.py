@@ -223,7 +223,7 @@ def _worker(rank: int, folder: str) -> None:
     # the auto driver: each rank may time a different winner; every rank then runs rank 0's
     cfg = case_config("maml_vmap")
     learner = build_learner(cfg, torch.float64, torch.device("cpu"))
-    only = ("loop_autograd+native",) if rank == 0 else ("vmap+native",)
+    only = ("loop_autograd",) if rank == 0 else ("vmap",)
     learner.auto_driver.candidates = {"cpu": only, "cuda": only}
     out["auto"] = train_steps(learner, samplers["train"], DistributedMetaStep(
         learner, build_optimizer(cfg, learner), ctx, driver="auto", chunk_size=None, signals=[]), 2)
@@ -258,7 +258,7 @@ def test_collectives_shard_and_gather_exactly(tmp_path):
         for rank in range(2):
             assert relative_error(ranks[rank][name], expected) < TOLERANCE, (name, rank)
         assert all(torch.equal(ranks[0][name][k], ranks[1][name][k]) for k in expected)  # bit-identical ranks
-    assert ranks[0]["auto_choices"] == ranks[1]["auto_choices"] == ["loop_autograd+native"]
+    assert ranks[0]["auto_choices"] == ranks[1]["auto_choices"] == ["loop_autograd"]
     assert relative_error(ranks[1]["auto"], ranks[0]["auto"]) < TOLERANCE
     # one bucket per step: every gradient, the loss and accuracy sums and 2 control numbers
     calls = [ranks[0][name, "grads"] + 4 for name, (*_, steps) in CASES.items() for _ in range(steps)]

@@ -58,7 +58,8 @@ def setup(ways: int, shots: int, tasks: int, steps: int, first_order: bool = Fal
     s = Setting(ways, shots, shots, tasks, steps, first_order)
     batch = random_tasks(s, torch.device("cpu"), torch.Generator().manual_seed(0))
     model = initialize(Conv4(ways), torch.Generator().manual_seed(1))
-    learner = meta.MetaLearner(model, meta.sgd(lr=s.lr, first_order=first_order), inner_steps=steps)
+    rule = meta.first_order(meta.sgd(lr=s.lr)) if first_order else meta.sgd(lr=s.lr)
+    learner = meta.MetaLearner(model, rule, inner_steps=steps)
     return s, batch, model, learner
 
 
