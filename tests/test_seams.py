@@ -72,7 +72,12 @@ def test_every_algorithm_honours_every_driver_or_refuses_it_at_start(algorithm, 
     reference = learner.meta_gradient(tasks, driver="loop")
     for driver in ALL_DRIVERS:
         if driver in learner.supported_drivers():
-            assert_same(learner.meta_gradient(tasks, driver=driver), reference)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(2)  # loop_threads really runs two threads (one, with OMP_NUM_THREADS=1, hid a race)
+            try:
+                assert_same(learner.meta_gradient(tasks, driver=driver), reference)
+            finally:
+                torch.set_num_threads(threads)
             load_config([f"algorithm={algorithm}", f"driver={driver}"])
         else:
             with pytest.raises(ValueError, match=f"unknown driver '{driver}' for"):

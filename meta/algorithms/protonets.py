@@ -7,12 +7,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from meta.adaptation import LossFn
 from meta.algorithms.maml import check_no_inner_loop_knobs
 from meta.drivers import TaskFn
 from meta.learner import MetaLearner, OuterStrategy, Phase
+from meta.models.functional import functional_forward
 from meta.rules.base import InnerRule
 from meta.types import Params, Task
 
@@ -57,12 +57,14 @@ class Prototypes(OuterStrategy):
 
     def eval_fn(self, learner: MetaLearner, rule: InnerRule | None, steps: int) -> TaskFn:
         """Per-task ``(query loss, (accuracy, {}))`` of the prototype classifier."""
-        embedder, loss_fn, ways = _Embedder(learner.model), learner.loss_fn, self.ways
+        # functional_forward, not a bare functional_call: under the loop_threads driver each thread must call its
+        # own copy of the module (functional_call swaps tensors into the module it runs)
+        embed, loss_fn, ways = functional_forward(_Embedder(learner.model)), learner.loss_fn, self.ways
 
         def fn(params: Params, rule_params: Params, buffers: Params, task: Task, autograd_inner: bool = False):
             sx, sy, qx, qy = task  # (no inner loop: autograd_inner, which the loop_autograd driver sets, is moot)
             prefixed = ({f"model.{k}": v for k, v in params.items()}, {f"model.{k}": v for k, v in buffers.items()})
-            embedded = functional_call(embedder, prefixed, (torch.cat([sx, qx]),))
+            embedded = embed(*prefixed, torch.cat([sx, qx]))
             logits = prototype_logits(embedded[: len(sx)], sy, embedded[len(sx):], ways)
             return loss_fn(logits, qy), ((logits.argmax(-1) == qy).to(logits.dtype).mean(), {})
 
