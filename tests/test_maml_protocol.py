@@ -8,7 +8,7 @@ import torch
 
 import meta
 from meta import rules
-from meta.models import norm_parameters_of, relative_error
+from meta.models import build_model, norm_parameters_of, relative_error
 from meta.training.builders import build_inner_rule, build_learner
 from meta.training.config import ConfigError, load_config
 from tests.helpers import random_tasks
@@ -168,3 +168,22 @@ def test_inner_loss_reduction_key_reaches_the_learner_and_refuses_other_algorith
             load_config([f"algorithm={algorithm}", "inner.loss_reduction=sum_over_shots"])
     with pytest.raises(ConfigError, match="inner.loss_reduction='sum' is not one of"):
         load_config(["inner.loss_reduction=sum"])
+
+
+def test_conv4_head_reads_the_spatial_mean_or_the_flattened_features():
+    """model.conv4_head: MAML's head reads the spatial mean of the 64 maps, Reptile's the flattened 2x2x64."""
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    mean = build_model("conv4", 5, generator=torch.Generator().manual_seed(1))
+    flat = build_model("conv4", 5, generator=torch.Generator().manual_seed(1), conv4_head="flatten")
+    assert mean.head.in_features == 64 and flat.head.in_features == 256
+    maps = flat.features(x)
+    assert maps.shape[1:] == (64, 2, 2)
+    torch.testing.assert_close(flat.embed(x), maps.flatten(1))
+    torch.testing.assert_close(mean.embed(x), mean.features(x).mean(dim=(2, 3)))
+    assert flat(x).shape == (3, 5)
+    with pytest.raises(ValueError, match="conv4 model only"):
+        build_model("mlp", 5, conv4_head="flatten")
+    with pytest.raises(ConfigError, match="model.conv4_head=flatten applies to model.name=conv4 only"):
+        load_config(["model.name=conv4_maxpool", "model.conv4_head=flatten"])
+    assert load_config(["preset=reptile_omniglot_5w1s"]).model.conv4_head == "flatten"
+    assert load_config(["preset=maml_omniglot_5w1s"]).model.conv4_head == "mean"

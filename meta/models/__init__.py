@@ -35,16 +35,23 @@ def build_model(
     norm_eps: float = 1e-5,
     norm_affine: str = "gamma_beta",
     init: str = "xavier",
+    conv4_head: str = "mean",
 ) -> nn.Module:
     """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
+
+    ``conv4_head`` is what ``conv4``'s head reads: ``mean`` (the spatial mean of its 64 features, MAML) or
+    ``flatten`` (all 2x2x64 = 256 at 28 pixels, Reptile); the other models take only the default.
 
     ``norm_eps`` and ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) shape the norm layers. With a
     ``generator`` the weights are drawn from it by the ``init`` scheme (:func:`initialize`: ``xavier`` or
     ``maml``); without one, PyTorch's default initialization draws from the global RNG.
     """
     options = {"eps": norm_eps, "affine": norm_affine}
+    if name != "conv4" and conv4_head != "mean":
+        raise ValueError(f"conv4_head={conv4_head!r} applies to the conv4 model only, not {name!r}")
     if name == "conv4":
-        model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size, norm_options=options)
+        model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size, norm_options=options,
+                      head_input=conv4_head)
     elif name == "conv4_maxpool":
         model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size,
                       norm_options=options)

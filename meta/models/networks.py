@@ -74,9 +74,10 @@ class Conv4(nn.Module):
     """Four conv blocks with 64 filters and an N-way linear head.
 
     ``downsample="stride"`` is MAML's Omniglot network (strided convolutions,
-    features averaged over space before the head); ``"maxpool"`` is the
-    MAML++/ProtoNets variant (padded convolutions, 2x2 max-pool, flattened).
-    ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``).
+    features averaged over space before the head by default, or flattened with
+    ``head_input="flatten"``: Reptile's 2x2x64 = 256 features); ``"maxpool"``
+    is the MAML++/ProtoNets variant (padded convolutions, 2x2 max-pool,
+    always flattened). ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``).
     """
 
     def __init__(
@@ -88,25 +89,31 @@ class Conv4(nn.Module):
         downsample: str = "stride",
         image_size: int = 28,
         norm_options: dict | None = None,
+        head_input: str | None = None,
     ) -> None:
         super().__init__()
+        if head_input is None:  # each variant's own: MAML's spatial mean, the max-pool network's flattening
+            head_input = "mean" if downsample == "stride" else "flatten"
+        if head_input not in ("mean", "flatten") or (downsample == "maxpool" and head_input != "flatten"):
+            raise ValueError(f"head_input={head_input!r}: the strided Conv4 takes mean or flatten, the max-pool "
+                             f"Conv4 flatten")
         channels = [in_channels, hidden, hidden, hidden, hidden]
         self.features = nn.Sequential(
             *(ConvBlock(channels[i], channels[i + 1], norm, downsample, norm_options) for i in range(4))
         )
-        self.downsample = downsample
+        self.downsample, self.head_input = downsample, head_input
         side = image_size
         for _ in range(4):
             side = (side + 1) // 2 if downsample == "stride" else side // 2
         if side < 1:
             raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
-        self.embedding_dim = hidden if downsample == "stride" else hidden * side * side
+        self.embedding_dim = hidden if head_input == "mean" else hidden * side * side
         self.head = nn.Linear(self.embedding_dim, ways)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features before the head: ``[batch, embedding_dim]``."""
         h = self.features(x)
-        return h.mean(dim=(2, 3)) if self.downsample == "stride" else h.flatten(1)
+        return h.mean(dim=(2, 3)) if self.head_input == "mean" else h.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))

@@ -101,6 +101,7 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
         norm_eps=cfg.model.norm_eps,
         norm_affine=cfg.model.norm_affine,
         init=cfg.model.init,
+        conv4_head=cfg.model.conv4_head,
     )
 
 

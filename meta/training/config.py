@@ -71,6 +71,9 @@ class ModelConfig:
     # weight init, drawn from the seed's generator: xavier (Glorot-uniform conv and linear weights) | maml
     # (cbfinn/maml: conv Glorot-uniform and output weights normal with std 1; MLP truncated normal, std 0.01)
     init: str = "xavier"
+    # what conv4's head reads: mean (the spatial mean of the last 64 feature maps: cbfinn/maml maml.py forward_conv
+    # reduce_mean) | flatten (all 2x2x64 = 256 values at 28 pixels: supervised-reptile models.py L24). conv4 only
+    conv4_head: str = "mean"
 
 
 @dataclass
@@ -210,6 +213,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.norm": ("task_bn", "group", "none"),
     "model.norm_affine": ("gamma_beta", "beta", "none"),
     "model.init": ("xavier", "maml"),
+    "model.conv4_head": ("mean", "flatten"),
     "inner.loss_reduction": ("mean", "sum_over_shots"),
     "eval.checkpoint": ("best", "last"),
 }
@@ -376,6 +380,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    if cfg.model.conv4_head != "mean" and cfg.model.name != "conv4":
+        raise ConfigError(f"model.conv4_head={cfg.model.conv4_head} applies to model.name=conv4 only, not "
+                          f"{cfg.model.name}; leave it at mean")
     for key, value in flatten(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} is not a finite number")
