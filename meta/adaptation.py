@@ -101,11 +101,21 @@ def adapt_steps(
         yield {k: fast.get(k, v) for k, v in params.items()}
 
 
-def adapt(*args: Any, **options: Any) -> Params:
-    """:func:`adapt_steps` run to the end (same arguments): all parameters after the last inner update (the
-    parameters themselves when ``steps`` is 0)."""
-    adapted = args[2] if len(args) > 2 else options["params"]
-    for adapted in adapt_steps(*args, **options):  # noqa: B007 (the last one is the result)
+def adapt(
+    forward: Forward,
+    rule: InnerRule,
+    params: Params,
+    rule_params: Params,
+    buffers: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    **options: Any,
+) -> Params:
+    """:func:`adapt_steps` run to the end (``options``: its keyword arguments): all parameters after the last
+    inner update (``params`` themselves when ``steps`` is 0)."""
+    adapted = params
+    for adapted in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, **options):  # noqa: B007
         pass
     return adapted
 
