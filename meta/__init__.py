@@ -1,8 +1,7 @@
 """meta: vectorized gradient-based meta-learning (MAML and its family) on torch.func."""
 
-from meta.adaptation import adapt, task_loss
 from meta.drivers import DRIVERS, TaskBatchResult, loop_driver, vmap_driver
-from meta.learner import Backprop, FusedNormError, MetaLearner, OuterStrategy, Phase
+from meta.learner import Backprop, FusedNormError, MetaLearner, OuterStrategy, Phase, adapt, task_loss
 from meta.models import MLP, Conv4, TaskBatchNorm, build_model
 from meta.per_sample import per_sample_grads, per_sample_grads_loop
 from meta.rules import RULES, InnerRule, apply_updates, build_rule, chain, first_order, masked, register_rule, sgd

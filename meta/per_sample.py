@@ -7,10 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad
 
-from meta.adaptation import LossFn
-from meta.models.functional import buffers_of, functional_forward, parameters_of
-from meta.models.norms import FUSED_NORM_TYPES, TaskBatchNorm
-from meta.types import Params
+from meta.models.networks import FUSED_NORM_TYPES, TaskBatchNorm, buffers_of, functional_forward, parameters_of
+from meta.types import LossFn, Params
 
 
 def _check_no_batch_statistics(model: nn.Module) -> None:

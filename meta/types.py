@@ -1,13 +1,19 @@
-"""The two types every layer shares: a parameter tree and a task (support and query tensors)."""
+"""The types every layer shares: a parameter tree, a task (support and query tensors), a functional forward
+and a loss."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 #: name -> tensor, as ``nn.Module.named_parameters()`` gives them (model parameters, rule tensors, gradients)
 Params = dict[str, torch.Tensor]
+#: ``forward(params, buffers, x) -> logits``: a model called functionally (:func:`meta.models.functional_forward`)
+Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
+#: ``loss_fn(logits, labels) -> scalar`` (``F.cross_entropy`` by default)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Task(NamedTuple):

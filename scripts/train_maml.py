@@ -30,12 +30,12 @@ from meta.data import DataError
 from meta.data.cache import remove_stale_temporaries
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
-    apply_schedules,
     build_inner_rule,
     build_learner,
     build_optimizer,
     build_samplers,
     check_test_rule,
+    meta_lr_at,
     resolve_device,
     resolve_dtype,
     test_inner_steps,
@@ -60,7 +60,6 @@ from meta.training.run_log import (
     existing_run_files,
     load_checkpoint,
     load_learner_state,
-    params_finite,
     plot_curves,
     remove_run_files,
     run_metadata,
@@ -199,6 +198,7 @@ if cfg.overwrite and not cfg.resume and dist_ctx.is_main:
 print(f"writing to {out_dir.resolve()}")
 test_steps = test_inner_steps(cfg)
 optimizer = build_optimizer(cfg, learner)
+meta_lrs = [meta_lr_at(cfg, s) for s in range(cfg.train.iterations)]  # per iteration (train.lr_schedule)
 generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
 train_seconds = 0.0
@@ -294,13 +294,19 @@ if resumed_state is None:  # a step-0 checkpoint: a run stopped at any point fro
     checkpoint()
 signal.signal(signal.SIGINT, request_stop)
 while step < cfg.train.iterations and not stop_requested:
-    apply_schedules(cfg, learner, optimizer, step)  # meta-lr schedule and learner.set_iteration
+    for group in optimizer.param_groups:  # the meta learning rate of this step (train.lr_schedule)
+        if torch.is_tensor(group["lr"]):  # train.cuda_graph: the captured step reads this tensor, set it in place
+            group["lr"].fill_(meta_lrs[step])
+        else:
+            group["lr"] = meta_lrs[step]
+    learner.set_iteration(step, cfg.train.iterations)  # the learner's schedule (MAML++'s phases; none for MAML)
     batch = samplers["train"].sample(cfg.train.meta_batch, generator)
     loss, accuracy = meta_step((batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y))
     if cfg.driver == "auto" and step == 0 and learner.auto_driver.choices:
         bar.write(f"driver auto chose: {', '.join(learner.auto_driver.choices.values())}")
     step += 1
-    finite = torch.isfinite(loss).all() & params_finite(learner)  # no synchronization in every step
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in learner.parameters()]).all()
+    finite = torch.isfinite(loss).all() & weights_finite  # tensors: no synchronization in every step
     first_bad_step = torch.minimum(first_bad_step, torch.where(finite, math.inf, float(step)))
     # sums stay on the device between log lines: no synchronization in every step
     window = {"loss": window["loss"] + loss.mean().double(),

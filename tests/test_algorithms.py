@@ -24,7 +24,7 @@ from meta.algorithms import (
     proximal_adapt,
 )
 from meta.models import relative_error
-from meta.training.builders import apply_schedules, build_learner, build_optimizer, meta_lr_at
+from meta.training.builders import build_learner, build_optimizer, meta_lr_at
 from meta.training.config import load_config
 from tests.helpers import random_tasks
 from tests.test_rules import TOL, assert_same, small_model
@@ -256,7 +256,7 @@ def test_preset_builds_and_takes_a_step(name):
                        "inner.options.steps=2" if name == "mamlpp" else "seed=0"])
     learner = build_learner(cfg, torch.float64, torch.device("cpu"))
     optimizer = build_optimizer(cfg, learner)
-    apply_schedules(cfg, learner, optimizer, 0)
+    learner.set_iteration(0, cfg.train.iterations)
     batch = random_tasks(tasks=2, ways=5, shots=1, queries=cfg.task.queries, size=16)
     before = {k: v.detach().clone() for k, v in learner.named_parameters()}
     result = learner.meta_gradient(batch)

@@ -79,7 +79,7 @@ def test_configs_learn2learn_cannot_express_are_refused_naming_the_key(override,
 
 @pytest.mark.parametrize("driver", ["loop", "loop_autograd", "loop_threads"])
 def test_loop_drivers_run_second_order_maml_with_an_inner_adapted_shift_only_norm(driver):
-    # the fused CPU batch-norm kernel has no double backward for a bias without a weight; before meta/models/norms.py
+    # the fused CPU batch-norm kernel has no double backward for a bias without a weight; before meta/models/networks.py
     # passed a constant weight, these drivers raised RuntimeError on exactly the three-way cell
     _, learner, tasks = setting()
     vmap = learner.meta_gradient(tasks, driver="vmap")

@@ -141,7 +141,7 @@ def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, kind, protocol
     """Outside vmap on a CPU, TaskBatchNorm runs PyTorch's fused kernel; forced onto its primitives it gives the
     same second-order meta-gradient (float64), and under vmap it always uses the primitives. ``maml_code``: the
     beta-only norm with eps 1e-3, not inner-adapted."""
-    from meta.models import norms
+    from meta.models import networks as norms
 
     calls = []
     fused = F.batch_norm
@@ -260,7 +260,7 @@ def test_auto_driver_stops_timing_candidates_far_behind(tasks, monkeypatch):
 def test_adapt_is_the_learners_inner_loop(tasks):
     learner = make_learner("mlp", "task_bn", steps=2, first_order=False)
     params = {k: v.detach() for k, v in learner.model.named_parameters()}
-    forward = meta.models.functional.functional_forward(learner.model)
+    forward = meta.models.functional_forward(learner.model)
     adapted = meta.adapt(forward, learner.rule, params, {}, {}, tasks[0][1], tasks[1][1], 2)
     expected = learner.meta_gradient(tasks, driver="loop").adapted
     assert relative_error(adapted, {k: v[1] for k, v in expected.items()}) < TOL

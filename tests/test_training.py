@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import meta
-from meta.drivers.auto import AUTO_CANDIDATES
+from meta.drivers import AUTO_CANDIDATES
 from meta.evaluation import mean_ci95
 from meta.training.builders import build_learner, build_samplers
 from meta.training.config import ConfigError, available_presets, load_config

@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 from meta.baselines import check_learn2learn_expressible, learn2learn_meta_gradient
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
-    apply_schedules,
     build_inner_rule,
     build_learner,
     build_optimizer,
@@ -63,6 +62,9 @@ try:
                        f"train.iterations={args.iterations}"])
     if cfg.algorithm != "maml":
         raise ConfigError(f"algorithm={cfg.algorithm}: the three ways are MAML drivers; choose a maml preset")
+    if cfg.train.lr_schedule != "constant":
+        raise ConfigError(f"train.lr_schedule={cfg.train.lr_schedule}: the three ways take Adam steps at the constant "
+                          f"train.meta_lr; leave the schedule constant")
     if "learn2learn" in ways:
         check_learn2learn_expressible(cfg)
 except (ConfigError, ValueError) as error:
@@ -88,7 +90,7 @@ def sync() -> None:
 def step_once(way: str, step: int, tasks: tuple[torch.Tensor, ...]) -> tuple[float, float]:
     """One outer step of one way; returns its mean query loss and accuracy (percent)."""
     learner, optimizer = learners[way], optimizers[way]
-    apply_schedules(cfg, learner, optimizer, step)
+    learner.set_iteration(step, cfg.train.iterations)  # the meta-lr is constant: checked at start
     if way == "learn2learn":
         result = learn2learn_meta_gradient(learner.model, tasks, cfg.inner.lr, cfg.inner.steps,
                                            first_order=cfg.inner.first_order, loss_reduction=cfg.inner.loss_reduction)

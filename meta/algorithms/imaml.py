@@ -18,7 +18,7 @@ from torch.func import grad, jvp
 from meta.algorithms.maml import check_adapted_head, check_no_inner_loop_knobs
 from meta.drivers import Direction, TaskFn
 from meta.learner import MetaLearner, OuterStrategy, Phase
-from meta.models.functional import functional_forward
+from meta.models.networks import functional_forward
 from meta.rules.base import InnerRule, apply_updates
 from meta.types import Params, Task
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meta.adaptation import LossFn
 from meta.algorithms.maml import check_adapted_head, inner_loop
 from meta.learner import MetaLearner, Phase
 from meta.rules.base import InnerRule
+from meta.types import LossFn
 
 
 def msl_weights(steps: int, progress: float, min_fraction: float = 0.03) -> torch.Tensor:

@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meta.adaptation import LossFn
 from meta.algorithms.maml import check_no_inner_loop_knobs
 from meta.drivers import TaskFn
 from meta.learner import MetaLearner, OuterStrategy, Phase
-from meta.models.functional import functional_forward
+from meta.models.networks import functional_forward
 from meta.rules.base import InnerRule
-from meta.types import Params, Task
+from meta.types import LossFn, Params, Task
 
 
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:

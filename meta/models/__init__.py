@@ -3,25 +3,27 @@
 import torch
 from torch import nn
 
-from meta.models.functional import (
-    Params,
-    buffers_of,
-    detached,
-    functional_forward,
-    global_norm,
-    parameters_of,
-    relative_error,
-)
 from meta.models.networks import (
     CONV_IMPLS,
     INIT_SCHEMES,
     MLP,
+    NORM_AFFINES,
     Conv4,
+    Params,
+    TaskBatchNorm,
     TaskConv2d,
+    buffers_of,
+    detached,
+    find_fused_norms,
+    functional_forward,
+    global_norm,
     initialize,
+    make_norm,
+    norm_parameters_of,
+    parameters_of,
+    relative_error,
     set_conv_impl,
 )
-from meta.models.norms import NORM_AFFINES, TaskBatchNorm, find_fused_norms, make_norm, norm_parameters_of
 
 
 def build_model(

@@ -20,13 +20,13 @@ from meta.rules.base import (
     first_order,
     masked,
     register_rule,
+    sgd,
 )
 from meta.rules.clipped import clip_per_sample, clipped_sgd
 from meta.rules.mamlpp import mamlpp, norm_parameter_names
 from meta.rules.metacurvature import metacurvature
 from meta.rules.metasgd import metasgd
 from meta.rules.momentum import momentum
-from meta.rules.sgd import sgd
 
 
 def discover() -> list[str]:

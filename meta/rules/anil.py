@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from meta.rules.base import InnerRule, masked, register_rule
-from meta.rules.sgd import sgd
+from meta.rules.base import InnerRule, masked, register_rule, sgd
 
 
 @register_rule("anil")

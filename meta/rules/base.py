@@ -1,4 +1,5 @@
-"""The inner-loop rule API, shaped like optax.
+"""The inner-loop rule API, shaped like optax, and the rule every other builds on: MAML's plain SGD (:func:`sgd`,
+at the end).
 
 A rule is a small bundle of pure functions:
 
@@ -186,3 +187,17 @@ def build_rule(name: str, **kwargs: Any) -> InnerRule:
     if name not in RULES:
         raise ValueError(f"unknown inner rule {name!r}; registered: {sorted(RULES)}")
     return RULES[name](**kwargs)
+
+
+# ---- the base rule: plain gradient descent, the MAML inner loop ---------------------------------------------
+
+
+@register_rule("sgd")
+def sgd(lr: float = 0.4, learnable: bool = False) -> InnerRule:
+    """MAML's inner SGD: updates ``-lr * g``. ``learnable=True`` makes the one step size a meta-parameter."""
+
+    def update(grads: Params, state: EmptyState, params: Params, rule_params: Params, i: int):
+        alpha = rule_params.get("lr", lr)
+        return {k: -alpha * grads[k] for k in params}, state
+
+    return InnerRule(name="sgd", update=update, init_rule_params=scalar_lr(lr, learnable))

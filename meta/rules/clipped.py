@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from meta.rules.base import EmptyState, InnerRule, Params, chain, register_rule
-from meta.rules.sgd import sgd
+from meta.rules.base import EmptyState, InnerRule, Params, chain, register_rule, sgd
 
 
 def clip_per_sample(clip: float = 1.0) -> InnerRule:
@@ -23,5 +22,5 @@ def clip_per_sample(clip: float = 1.0) -> InnerRule:
 @register_rule("clipped_sgd")
 def clipped_sgd(lr: float = 0.4, clip: float = 1.0, learnable: bool = False) -> InnerRule:
     """Clip each support sample's gradient to at most ``clip``, average over samples, then SGD: ``chain`` of
-    :func:`clip_per_sample` and :func:`meta.rules.sgd.sgd`. Needs a model without batch statistics (no task_bn)."""
+    :func:`clip_per_sample` and :func:`meta.rules.sgd`. Needs a model without batch statistics (no task_bn)."""
     return chain(clip_per_sample(clip), sgd(lr=lr, learnable=learnable), name="clipped_sgd")

@@ -129,17 +129,6 @@ def meta_lr_at(cfg: DictConfig, step: int) -> float:
     return start
 
 
-def apply_schedules(cfg: DictConfig, learner: MetaLearner, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Before iteration ``step``: set the meta learning rate and the learner's per-iteration schedules.
-    Stateless (a function of ``step`` only), so resumed runs follow the same schedule."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):  # a CUDA graph reads this tensor: change it in place
-            group["lr"].fill_(meta_lr_at(cfg, step))
-        else:
-            group["lr"] = meta_lr_at(cfg, step)
-    learner.set_iteration(step, cfg.train.iterations)
-
-
 def build_inner_rule(cfg: DictConfig, test: bool = False) -> InnerRule:
     """The training rule, or the test-time one (``inner.test_lr``) with ``test=True``.
 

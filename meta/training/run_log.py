@@ -312,8 +312,3 @@ def remove_run_files(out_dir: Path) -> list[str]:
         shutil.rmtree(out_dir / TENSORBOARD_DIR)
         removed.append(TENSORBOARD_DIR + "/")
     return removed
-
-
-def params_finite(module: torch.nn.Module) -> torch.Tensor:
-    """A 0-dim bool tensor (on the parameters' device, no synchronization): every parameter is finite."""
-    return torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
