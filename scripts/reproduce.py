@@ -10,6 +10,9 @@ with results.json is skipped, a run folder without it is continued with resume=t
 --minutes M times a short probe run per cell and picks the iterations that train for about M minutes (validation
 and test not counted); the number is kept in <out>/plan.json, printed, and written into the table.
 Outputs in <out> (default runs/tables/<table>): table.md, table.json, table.png.
+--collect FOLDER... trains nothing: it tabulates the finished runs that earlier runner calls left in those output
+folders (their <cell>/seed<k>/). --readme FILE also writes the table rows into FILE between the lines
+<!-- reproduce.py TABLE --> and <!-- end reproduce.py TABLE --> (the README's Results section is written so).
 Any key=value is passed to every run (e.g. device=cuda, data.root=...); it shows in the protocol column when it
 changes what the run measures.
 """
@@ -36,6 +39,8 @@ from meta.training.tables import (
     load_table,
     markdown_table,
     plot_table,
+    readme_block,
+    replace_block,
     run_action,
     select_cells,
     train_command,
@@ -57,6 +62,11 @@ parser.add_argument("--out", help="output folder (default runs/tables/<table>)")
 parser.add_argument("--nproc", type=int, default=1,
                     help="processes per run (default 1): N > 1 launches each run through torchrun on N processes "
                          "of this machine (GPUs or CPU cores; the README's Scaling out)")
+parser.add_argument("--collect", nargs="+", metavar="FOLDER",
+                    help="train nothing: tabulate the finished runs in these output folders of earlier runner calls")
+parser.add_argument("--readme", metavar="FILE",
+                    help="also write the table rows into FILE between <!-- reproduce.py TABLE --> and "
+                         "<!-- end reproduce.py TABLE -->")
 args = parser.parse_args([a for a in sys.argv[1:] if a not in overrides])
 if args.seeds < 1 or args.nproc < 1 or any(v is not None and v <= 0 for v in (args.iterations, args.minutes)):
     sys.exit("argument error: --seeds, --nproc, --iterations and --minutes must be positive")
@@ -68,6 +78,39 @@ try:
     check_cells(spec, cells, overrides)  # presets exist and pin the table's knobs; overrides are valid keys
 except TableError as error:
     sys.exit(f"table error: {error}")
+
+
+def write_readme(rows: list[dict]) -> None:
+    """--readme: the table rows into the file's marked block, under the command (less --readme itself)."""
+    if args.readme is None:
+        return
+    argv = sys.argv[1:]
+    if "--readme" in argv:  # the --readme FILE pair (as two arguments or --readme=FILE) is not part of the table
+        del argv[argv.index("--readme"):argv.index("--readme") + 2]
+    argv = [a for a in argv if not a.startswith("--readme=")]
+    path = Path(args.readme)
+    try:
+        text = replace_block(path.read_text(), spec.name,
+                             readme_block(spec, rows, " ".join(["python scripts/reproduce.py", *argv])))
+    except (OSError, TableError) as error:
+        sys.exit(f"--readme {path}: {error}")
+    atomic_write_text(path, text)
+    print(f"table {spec.name} written into {path.resolve()}")
+
+
+if args.collect:  # ---- no training: the finished runs of earlier calls ----------------------------
+    if overrides or args.iterations or args.minutes or args.seeds != 1 or args.nproc != 1 or args.out:
+        sys.exit("argument error: --collect trains nothing and writes no output folder: drop key=value, --seeds, "
+                 "--iterations, --minutes, --nproc and --out")
+    folders = [Path(f) for f in args.collect]
+    for folder in folders:
+        if not folder.is_dir():
+            sys.exit(f"argument error: --collect {folder}: no such folder")
+    rows = [aggregate_cell(cell, [d for f in folders for d in sorted((f / cell.name).glob("seed*")) if d.is_dir()])
+            for cell in cells]
+    print(markdown_table(spec, rows, " ".join(["python scripts/reproduce.py", *sys.argv[1:]])))
+    write_readme(rows)
+    sys.exit(0)
 out = Path(args.out or f"runs/tables/{spec.name}").resolve()
 out.mkdir(parents=True, exist_ok=True)
 env = dict(os.environ)
@@ -133,5 +176,6 @@ atomic_write_text(out / "table.json", json.dumps(
      "plan": {c.name: plan.get(c.name) for c in cells if c.name in plan}, "rows": rows}, indent=2))
 plot_table(spec, rows, out / "table.png")
 print(markdown)
+write_readme(rows)
 print(f"table: {(out / 'table.md').resolve()}  json: {(out / 'table.json').resolve()}  "
       f"figure: {(out / 'table.png').resolve()}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from meta.training.tables import (
     missing_pins,
     preset_exists,
     protocol_status,
+    replace_block,
     run_action,
 )
 
@@ -235,3 +237,45 @@ def test_runner_end_to_end_on_synthetic_data_with_a_resume(tmp_path):
     assert run_action(runs["maml", 0]) == "skip" and run_action(out / "nothing") == "start"
     (partial / "results.json").unlink()
     assert run_action(partial) == "resume"
+
+
+# ---- the README's Results tables are the runner's output ----------------------------------------------------
+
+README_TABLES = re.findall(r"^<!-- reproduce\.py (\S+) -->\nWritten by `python scripts/reproduce\.py ([^`]*)`",
+                           (REPO / "README.md").read_text(), flags=re.M)
+
+
+def test_the_readme_results_section_holds_runner_tables():
+    assert {name for name, _ in README_TABLES} >= {"maml_omniglot", "fomaml_omniglot"}
+
+
+@pytest.mark.parametrize(("table", "command"), README_TABLES, ids=[name for name, _ in README_TABLES])
+def test_each_readme_results_table_is_what_the_runner_writes_from_the_committed_runs(tmp_path, table, command):
+    # a hand edit of the block, a committed run that changed, or a preset that no longer matches its runs' configs
+    # (the protocol column) makes the README differ from the runner's output
+    copy = tmp_path / "README.md"
+    copy.write_text((REPO / "README.md").read_text())
+    args = command.split()
+    assert args[0] == table and "--collect" in args
+    proc = run_script("reproduce.py", *args, "--readme", str(copy))
+    assert proc.returncode == 0, proc.stderr
+    assert copy.read_text() == (REPO / "README.md").read_text()
+    block = copy.read_text().split(f"<!-- reproduce.py {table} -->")[1].split(f"<!-- end reproduce.py {table} -->")[0]
+    assert "| ours (%) |" in block and any(row.startswith("| ") and " ± " in row for row in block.splitlines()[4:])
+
+
+def test_readme_blocks_need_their_markers_and_collect_refuses_training_arguments(tmp_path):
+    spec = load_table(REPO / "experiments" / "tables" / "maml_omniglot.yaml")
+    with pytest.raises(TableError, match="<!-- reproduce.py maml_omniglot -->"):
+        replace_block("no markers here\n", spec.name, "rows\n")
+    text = replace_block("a\n<!-- reproduce.py maml_omniglot -->\nold\n<!-- end reproduce.py maml_omniglot -->\nb\n",
+                         spec.name, "new\n")
+    assert text == "a\n<!-- reproduce.py maml_omniglot -->\nnew\n<!-- end reproduce.py maml_omniglot -->\nb\n"
+    folder = REPO / "experiments" / "results" / "maml_omniglot_5w5s_cpu1551"
+    proc = run_script("reproduce.py", "maml_omniglot", "--collect", str(folder), "--minutes", "5")
+    assert proc.returncode != 0 and "--collect trains nothing" in proc.stderr
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    proc = run_script("reproduce.py", "maml_omniglot", "--collect", str(folder), "--readme", str(readme))
+    assert proc.returncode != 0 and "<!-- reproduce.py maml_omniglot -->" in proc.stderr.splitlines()[-1]
+    assert readme.read_text() == "# no markers\n"  # nothing written

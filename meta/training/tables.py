@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from meta.training.config import CONFIG_DIR, ConfigError, available_presets, load_config
+from meta.training.config import CONFIG_DIR, Config, ConfigError, available_presets, load_config
 
 #: what the paper's ± is: a 95% CI over test tasks, a std over seeds, a ± the paper prints without saying what it is
 #: (``unstated``), or none
@@ -207,7 +207,10 @@ def protocol_status(preset: str, run_config: DictConfig, known: list[str] | tupl
     schedule noted too). ``known``: the cell's deviations that no key expresses; they come first, marked ``(no
     knob)``, and make the label ``deviates`` even when the run pinned everything its preset does.
     """
-    ours, theirs = _flat(run_config), _flat(load_config([f"preset={preset}"]))
+    # a key the run's config lacks did not exist when it ran: it ran as that key's default (new keys default to
+    # the earlier behaviour), so the structured defaults fill it in
+    ours = _flat(OmegaConf.merge(OmegaConf.structured(Config), run_config))
+    theirs = _flat(load_config([f"preset={preset}"]))
     keys = [k for k in sorted(set(ours) | set(theirs))
             if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "train.iterations"]
     deviations = [f"{d} (no knob)" for d in known]
@@ -316,3 +319,35 @@ def plot_table(spec: TableSpec, rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---- tables written into a Markdown file (the README's Results section) ------------------------------------
+
+
+def readme_markers(table: str) -> tuple[str, str]:
+    """The two lines between which :func:`replace_block` writes ``table``'s rows in a Markdown file."""
+    return f"<!-- reproduce.py {table} -->", f"<!-- end reproduce.py {table} -->"
+
+
+def readme_block(spec: TableSpec, rows: list[dict[str, Any]], command: str) -> str:
+    """The rows of :func:`markdown_table` (header, rows, iterations line) under a line naming the command."""
+    full = markdown_table(spec, rows, command).splitlines()
+    start = next(i for i, line in enumerate(full) if line.startswith("| cell |"))
+    table = []
+    for line in full[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    iterations = [line for line in full if line.startswith("Training iterations per cell")]
+    return "\n".join([f"Written by `{command}`; do not edit by hand.", "", *table, "", *iterations]).rstrip() + "\n"
+
+
+def replace_block(text: str, table: str, block: str) -> str:
+    """``text`` with the lines between ``table``'s two markers (:func:`readme_markers`) replaced by ``block``."""
+    begin, end = readme_markers(table)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise TableError(f"the file must hold the line {begin} once, followed by the line {end} once; add them where "
+                         f"the table goes")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}{end}{tail}"
