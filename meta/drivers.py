@@ -73,6 +73,11 @@ Driver = Callable[[Problem], TaskBatchResult]
 TASK_IN_DIMS = (None, None, None, 0)
 
 
+def select_tasks(tasks: Task, index: int | torch.Tensor) -> Task:
+    """Task ``index`` of a batch (an int), or the sub-batch of the tasks at ``index`` (an index tensor)."""
+    return Task(*(t[index] for t in tasks))
+
+
 def _stack(trees: list[Params]) -> Params:
     return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
 
@@ -97,7 +102,7 @@ def map_vmap(problem: Problem) -> TaskBatchResult:
 def map_loop(problem: Problem) -> TaskBatchResult:
     """The reference: a Python for-loop over tasks calling the same per-task function."""
     task_fn, params, rule_params, buffers, tasks, _ = problem
-    rows = [task_fn(params, rule_params, buffers, tasks.select(i)) for i in range(tasks.num_tasks)]
+    rows = [task_fn(params, rule_params, buffers, select_tasks(tasks, i)) for i in range(len(tasks.support_x))]
     return _averaged(Direction(
         torch.stack([r.loss for r in rows]), torch.stack([r.accuracy for r in rows]), _stack([r.grads for r in rows]),
         _stack([r.rule_grads for r in rows]), _stack([r.adapted for r in rows]),
@@ -149,11 +154,11 @@ def loop_autograd_driver(problem: Problem) -> TaskBatchResult:
     (``autograd_inner=True``) and for one backward per task (memory of one task)."""
     task_fn, params, rule_params, buffers, tasks, _ = problem
     leaves, rule_leaves = _leaves(params), _leaves(rule_params)
-    num_tasks = tasks.num_tasks
+    num_tasks = len(tasks.support_x)
     losses, accuracies, adapted, g_params, g_rule = [], [], [], None, None
     for i in range(num_tasks):
         with torch.enable_grad():
-            loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, tasks.select(i), autograd_inner=True)
+            loss, (accuracy, fast) = task_fn(leaves, rule_leaves, buffers, select_tasks(tasks, i), autograd_inner=True)
             gp, gr = autograd_grads(loss / num_tasks, (leaves, rule_leaves))
         g_params = gp if g_params is None else {k: g_params[k] + gp[k] for k in gp}
         g_rule = gr if g_rule is None else {k: g_rule[k] + gr[k] for k in gr}
@@ -169,7 +174,7 @@ def threaded(driver: Driver) -> Driver:
     CPU this beats splitting each small kernel across threads. Memory: that of one share per thread at once."""
 
     def threaded_driver(problem: Problem) -> TaskBatchResult:
-        num_tasks = problem.tasks.num_tasks
+        num_tasks = len(problem.tasks.support_x)
         workers = max(1, min(torch.get_num_threads(), num_tasks))
         shares = [torch.arange(num_tasks)[w::workers] for w in range(workers)]  # task i goes to worker i % workers
         threads = torch.get_num_threads()
@@ -179,7 +184,7 @@ def threaded(driver: Driver) -> Driver:
             # it runs, so two threads on one module would see each other's weights. meta.models.functional_forward
             # makes that thread-local copy; it is the one piece of hidden per-thread state, and it must exist.
             with ThreadPoolExecutor(workers) as pool:
-                parts = list(pool.map(lambda share: driver(problem._replace(tasks=problem.tasks.select(share))),
+                parts = list(pool.map(lambda share: driver(problem._replace(tasks=select_tasks(problem.tasks, share))),
                                       shares))
         finally:
             torch.set_num_threads(threads)

@@ -30,12 +30,3 @@ class Task(NamedTuple):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Task:
         """The same tensors on ``device``."""
         return Task(*(t.to(device, non_blocking=non_blocking) for t in self))
-
-    @property
-    def num_tasks(self) -> int:
-        """The size of the leading task dimension (of a batch)."""
-        return len(self.support_x)
-
-    def select(self, index: int | torch.Tensor) -> Task:
-        """Task ``index`` of a batch (an int), or the sub-batch of the tasks at ``index`` (an index tensor)."""
-        return Task(*(t[index] for t in self))

@@ -213,7 +213,7 @@ def test_sampling_deterministic_per_seed() -> None:
 def test_evaluation_set_is_fixed() -> None:
     sampler = TaskSampler(synthetic_pool(40, 6, 8, seed=0), ways=5, shots=1, queries=2)
     first = list(evaluation_tasks(sampler, num_tasks=130, seed=7, batch_size=32))
-    assert [b.num_tasks for b in first] == [32, 32, 32, 32, 2]
+    assert [len(b.support_x) for b in first] == [32, 32, 32, 32, 2]
     train_g = torch.Generator().manual_seed(0)
     for _ in range(5):  # training history must not matter
         sampler.sample(16, train_g)

@@ -140,7 +140,7 @@ def test_omniglot_sampling(characters: dict, cache_dir: Path) -> None:
     test = load_omniglot(ROOT, "test", cache_dir=cache_dir, rotations=(0,))
     assert test.num_classes == 423
     ev = list(evaluation_tasks(TaskSampler(test, 5, 1, 1), num_tasks=600, seed=0, batch_size=64))
-    assert sum(b.num_tasks for b in ev) == 600
+    assert sum(len(b.support_x) for b in ev) == 600
 
 
 @needs_mnist

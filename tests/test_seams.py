@@ -158,3 +158,51 @@ def test_train_script_refuses_a_test_lr_without_effect_before_writing(tmp_path):
                    f"out_dir={out}", check=False)
     assert proc.returncode != 0 and "config error: inner.test_lr=0.01 has no effect" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# ---- one training step reads in few files ------------------------------------------------------------------
+
+#: the library files one default training step runs code from; with scripts/train_maml.py's loop body, six
+STEP_FILES = {"meta/data/sampler.py", "meta/learner.py", "meta/drivers.py", "meta/rules/base.py",
+              "meta/models/networks.py"}
+
+
+@pytest.mark.slow  # the auto driver times every candidate (make test-fast leaves it out)
+def test_one_default_training_step_runs_code_from_five_library_files():
+    # the step of scripts/train_maml.py's loop body with the default config (MAML 5w1s, sgd, conv4, task_bn,
+    # driver=auto) on synthetic data: the first step times every auto candidate, the second runs the chosen one;
+    # every Python function called, in this thread and the driver's worker threads, is recorded by file
+    import sys
+    import threading
+    from pathlib import Path
+
+    root = Path(meta.__file__).resolve().parent
+    cfg = load_config(["data.dataset=synthetic", "train.meta_batch=4", "device=cpu"])
+    assert (cfg.algorithm, cfg.inner.rule, cfg.model.name, cfg.model.norm, cfg.driver) == (
+        "maml", "sgd", "conv4", "task_bn", "auto")
+    sampler = build_sampler(cfg, "train", torch.device("cpu"))
+    learner = build_learner(cfg, torch.float32, torch.device("cpu"))
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+    generator = torch.Generator().manual_seed(0)
+    files: list[set[str]] = []
+    for step in range(2):
+        seen: set[str] = set()
+
+        def record(frame, event, arg, seen=seen):
+            path = Path(frame.f_code.co_filename)
+            if event == "call" and path.is_relative_to(root):
+                seen.add(path.relative_to(root.parent).as_posix())
+
+        sys.setprofile(record)
+        threading.setprofile(record)
+        try:
+            batch = sampler.sample(cfg.train.meta_batch, generator)
+            learner.set_iteration(step, cfg.train.iterations)
+            learner.train_step(optimizer, (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
+                               driver=cfg.driver)
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)
+        files.append(seen)
+    assert files[0] == STEP_FILES, files[0]
+    assert files[1] <= STEP_FILES and "meta/rules/base.py" in files[1], (files[1], learner.auto_driver.choices)

@@ -104,6 +104,7 @@ class TaskSampler:
             None if self.device.type == "cpu" else (torch.arange(256, dtype=torch.float32) / 255.0).to(self.device)
         )
         self._uniform = bool((pool.counts == pool.max_drawings).all())
+        self._classes, self._drawings = pool.num_classes, pool.max_drawings  # (read in every sample)
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
@@ -124,7 +125,7 @@ class TaskSampler:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         g, dev = generator, generator.device
         n, k, q = self.ways, self.shots, self.queries
-        c, m = self.pool.num_classes, self.pool.max_drawings
+        c, m = self._classes, self._drawings
         # The N smallest of C uniforms, in increasing order: a uniformly random ordered
         # choice of N distinct classes, so label n -> class is a random assignment.
         classes = torch.rand(num_tasks, c, generator=g, device=dev).topk(
@@ -154,8 +155,8 @@ class TaskSampler:
         k = self.shots
         t = idx.classes.shape[0]
         # row of each drawing in the flattened [rotations * classes * max_drawings, H, W] image tensor
-        per_rotation = self.pool.num_classes * self.pool.max_drawings
-        rows = (idx.rotations * per_rotation + idx.classes * self.pool.max_drawings).unsqueeze(-1) + idx.drawings
+        per_rotation = self._classes * self._drawings
+        rows = (idx.rotations * per_rotation + idx.classes * self._drawings).unsqueeze(-1) + idx.drawings
 
         def part(r: torch.Tensor, per_class: int, order: torch.Tensor):
             # before shuffling, position p of the "(n k)" layout holds label p // per_class
