@@ -106,15 +106,17 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
 
 
 def build_optimizer(cfg: DictConfig, learner: MetaLearner) -> torch.optim.Optimizer:
-    """The outer optimizer over ``learner.parameters()``: Adam (default) or plain SGD (Reptile).
+    """The outer optimizer over ``learner.parameters()``: Adam (default; epsilon ``train.adam_eps``) or plain SGD
+    (Reptile).
     With ``train.cuda_graph``, Adam keeps its state and learning rate in device tensors (``capturable``)."""
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(learner.parameters(), lr=cfg.train.meta_lr)
+    eps = cfg.train.adam_eps
     if cfg.train.cuda_graph:
         device = next(learner.parameters()).device
         lr = torch.tensor(cfg.train.meta_lr, device=device)
-        return torch.optim.Adam(learner.parameters(), lr=lr, capturable=True)
-    return torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+        return torch.optim.Adam(learner.parameters(), lr=lr, eps=eps, capturable=True)
+    return torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr, eps=eps)
 
 
 def meta_lr_at(cfg: DictConfig, step: int) -> float:
