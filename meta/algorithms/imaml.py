@@ -74,7 +74,9 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     return x
 
 
-def _descend(objective: Objective, rule: InnerRule, theta: Params, rule_params: Params, steps: int):
+def _descend(
+    objective: Objective, rule: InnerRule, theta: Params, rule_params: Params, steps: int
+) -> tuple[Params, Any]:
     """``steps`` updates of ``rule`` on ``objective`` from ``theta``: the parameters and the rule's state."""
     phi, state = theta, rule.init(theta)
     for i in range(steps):

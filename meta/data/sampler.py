@@ -14,6 +14,8 @@ from meta.types import Task
 # Tasks drawn per internal step in ``evaluation_tasks``; fixed so that the evaluation set
 # does not depend on the caller's batch size.
 _EVAL_CHUNK = 100
+# Tasks drawn per internal step when a ``FixedTaskPoolSampler`` generates its pool (bounds the memory of the draw).
+_POOL_CHUNK = 1000
 
 
 #: A batch of ``T`` tasks: ``support_x`` float ``[T, N*K, C, H, W]`` in [0, 1], ``support_y`` long ``[T, N*K]``
@@ -136,6 +138,14 @@ class TaskSampler:
             pad = torch.arange(m, device=dev) >= counts.unsqueeze(-1)
             keys = keys.masked_fill(pad, 2.0)
         drawings = keys.topk(k + q, dim=2, largest=False).indices
+        return self._with_orders_and_rotations(classes, drawings, g)
+
+    def _with_orders_and_rotations(
+        self, classes: torch.Tensor, drawings: torch.Tensor, g: torch.Generator
+    ) -> TaskIndices:
+        """The tasks of ``classes`` and ``drawings`` with example orders and rotations drawn from ``g``."""
+        num_tasks, dev = classes.shape[0], g.device
+        n, k, q = self.ways, self.shots, self.queries
         if self.shuffle:
             s_order = torch.rand(num_tasks, n * k, generator=g, device=dev).argsort(dim=1)
             q_order = torch.rand(num_tasks, n * q, generator=g, device=dev).argsort(dim=1)
@@ -172,6 +182,53 @@ class TaskSampler:
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         """Sample ``num_tasks`` tasks as one ``TaskBatch`` on the sampler's device."""
         return self.batch_from_indices(self.sample_indices(num_tasks, generator))
+
+
+class FixedTaskPoolSampler(TaskSampler):
+    """A :class:`TaskSampler` over a fixed pool of ``size`` task definitions, as iMAML's official code trains
+    (aravindr93/imaml_dev examples/README.md L7-L14: ``generate_task_defs.py`` pre-generates at least 200,000 tasks;
+    omniglot_implicit_maml.py L98 picks each batch's tasks uniformly, with replacement).
+
+    The pool (each task's classes with their labels, and its support and query drawings) is drawn once, at
+    construction, from a generator seeded with ``seed``; every :meth:`sample_indices` then picks pool tasks with
+    the caller's generator and draws their example orders and rotations afresh, as the code's
+    ``OmniglotFewShotDataset.__getitem__`` redraws the rotations of a task each time it is used (dataset.py L199).
+    """
+
+    def __init__(
+        self,
+        pool: ClassPool,
+        ways: int,
+        shots: int,
+        queries: int,
+        device: torch.device | str = "cpu",
+        *,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(pool, ways, shots, queries, device, shuffle=shuffle)
+        self.size = _check_positive_int("size", size)
+        small = max(self.pool.num_classes, self.pool.max_drawings) < 2**15
+        dtype = torch.int16 if small else torch.int32  # 200,000 20-way 5-shot tasks: 88 MB, not 352 in int64
+        g = torch.Generator().manual_seed(int(seed))
+        chunks = [super(FixedTaskPoolSampler, self).sample_indices(min(_POOL_CHUNK, size - start), g)
+                  for start in range(0, size, _POOL_CHUNK)]
+        self.task_classes = torch.cat([c.classes.to(dtype) for c in chunks])
+        self.task_drawings = torch.cat([c.drawings.to(dtype) for c in chunks])
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("TaskSampler(", f"FixedTaskPoolSampler({self.size} tasks, ", 1)
+
+    def sample_indices(self, num_tasks: int, generator: torch.Generator) -> TaskIndices:
+        """``num_tasks`` tasks of the pool, picked uniformly with replacement, with fresh orders and rotations."""
+        num_tasks = _check_positive_int("num_tasks", num_tasks)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        which = torch.randint(self.size, (num_tasks,), generator=generator, device=generator.device)
+        which = which.to(self.device)
+        classes, drawings = self.task_classes[which].long(), self.task_drawings[which].long()
+        return self._with_orders_and_rotations(classes.to(generator.device), drawings.to(generator.device), generator)
 
 
 def evaluation_tasks(

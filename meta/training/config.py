@@ -46,6 +46,11 @@ class DataConfig:
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # rotation angles in degrees (see rotation)
     rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # splits that rotate at all
     download: bool = False  # opt-in download from the official URLs
+    # training tasks from a fixed pool of this many task definitions (classes, labels, drawings), drawn once from
+    # task_pool_seed; each batch picks pool tasks uniformly with replacement, with fresh example orders and rotations
+    # (iMAML's code: >= 200,000 pre-generated tasks). null: every training task fresh. Validation and test: fresh
+    task_pool: int | None = None
+    task_pool_seed: int = 0  # the seed the task pool is drawn from (independent of seed, as the code's one file)
     synthetic_classes: int = 64  # synthetic data set only
     synthetic_drawings: int = 20  # synthetic data set only
 
@@ -401,7 +406,7 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size"):
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size", "data.task_pool"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
