@@ -143,14 +143,13 @@ class IMAMLConfig:
     lam: float = 2.0  # proximal regularization lambda (Rajeswaran et al. 2019: 2.0)
     cg_steps: int = 5  # conjugate-gradient steps for the implicit meta-gradient (Rajeswaran et al. 2019: 5)
     test_lam: float | None = None  # lambda of the test-time adaptation; null: same as lam
-    # paper: the inner rule runs on the proximal objective support + lam/2 |phi - theta|^2 | code: aravindr93/
-    # imaml_dev's: the rule runs on the support loss alone, then one more update on the gradient of lam/2 |phi -
-    # theta|^2 (the pull-back), and cg_steps <= 1 means the query gradient, no CG (meta/algorithms/imaml.py)
+    # paper: the inner rule runs on the proximal objective support + lam/2 |phi - theta|^2 | code (the official
+    # aravindr93/imaml_dev): the rule runs on the support loss alone, then one more update on the gradient of
+    # lam/2 |phi - theta|^2 (the pull-back); cg_steps <= 1 means the query gradient, no CG (meta/algorithms/imaml.py)
     formulation: str = "paper"
-    # the CG operator is (1 + regu_coef) v + Hv / (lam + lam_damping): 0 and 0 give the paper's v + Hv / lam; the
-    # official code's --cg_damping is regu_coef (1.0 in its commands) and its lam_damping is 10
+    # the CG operator is (1 + regu_coef) v + Hv / (lam + lam_damping); regu_coef 0: the paper's. Official code: 1.0
     regu_coef: float = 0.0
-    lam_damping: float = 0.0
+    lam_damping: float = 0.0  # see regu_coef; 0: the paper's v + Hv / lam. Official code: 10 (learner_model.py L143)
     cg_tol: float = 0.0  # CG stops updating once the squared residual r.r < cg_tol (official code: 1e-10); 0: never
 
 
