@@ -311,12 +311,12 @@ def rotated_pool():
 
 
 def test_task_pool_draws_only_its_tasks_with_fresh_rotations_and_orders():
-    from meta.data import FixedTaskPoolSampler, TaskSampler
+    from meta.data import TaskSampler
 
-    pooled = FixedTaskPoolSampler(rotated_pool(), 3, 1, 2, size=5, seed=7)
-    assert pooled.task_classes.shape == (5, 3) and pooled.task_drawings.shape == (5, 3, 3)
+    pooled = TaskSampler(rotated_pool(), 3, 1, 2, task_pool=5, task_pool_seed=7)
+    assert pooled.pool_classes.shape == (5, 3) and pooled.pool_drawings.shape == (5, 3, 3)
     definitions = {(tuple(c.tolist()), tuple(d.flatten().tolist()))
-                   for c, d in zip(pooled.task_classes, pooled.task_drawings)}
+                   for c, d in zip(pooled.pool_classes, pooled.pool_drawings)}
     idx = pooled.sample_indices(400, torch.Generator().manual_seed(0))
     drawn = [(tuple(c.tolist()), tuple(d.flatten().tolist())) for c, d in zip(idx.classes, idx.drawings)]
     assert set(drawn) == definitions  # every task is a pool task, and 400 picks reach all 5
@@ -324,10 +324,10 @@ def test_task_pool_draws_only_its_tasks_with_fresh_rotations_and_orders():
     assert len({tuple(idx.rotations[i].tolist()) for i in first}) > 1  # rotations redrawn on every use
     assert len({tuple(idx.support_order[i].tolist()) for i in first}) > 1 or pooled.ways * pooled.shots == 1
     # the pool is a function of its seed only, and the caller's generator picks from it
-    again = FixedTaskPoolSampler(rotated_pool(), 3, 1, 2, size=5, seed=7)
-    assert torch.equal(again.task_classes, pooled.task_classes)
-    assert not torch.equal(FixedTaskPoolSampler(rotated_pool(), 3, 1, 2, size=5, seed=8).task_drawings,
-                           pooled.task_drawings)
+    again = TaskSampler(rotated_pool(), 3, 1, 2, task_pool=5, task_pool_seed=7)
+    assert torch.equal(again.pool_classes, pooled.pool_classes)
+    assert not torch.equal(TaskSampler(rotated_pool(), 3, 1, 2, task_pool=5, task_pool_seed=8).pool_drawings,
+                           pooled.pool_drawings)
     a, b = (s.sample(4, torch.Generator().manual_seed(1)) for s in (pooled, again))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     # and the fresh sampler's task stream is unchanged by the refactoring it shares
@@ -336,15 +336,13 @@ def test_task_pool_draws_only_its_tasks_with_fresh_rotations_and_orders():
 
 
 def test_data_task_pool_builds_a_pooled_training_sampler_only():
-    from meta.data import FixedTaskPoolSampler
     from meta.training.builders import build_samplers
 
     cfg = load_config(["data.dataset=synthetic", "data.task_pool=20", "data.task_pool_seed=3"])
     samplers = build_samplers(cfg, torch.device("cpu"))
-    assert isinstance(samplers["train"], FixedTaskPoolSampler) and samplers["train"].size == 20
-    assert not any(isinstance(samplers[s], FixedTaskPoolSampler) for s in ("val", "test"))
-    assert not isinstance(build_samplers(load_config(["data.dataset=synthetic"]), torch.device("cpu"))["train"],
-                          FixedTaskPoolSampler)
+    assert samplers["train"].task_pool == 20 and samplers["train"].pool_classes.shape[0] == 20
+    assert samplers["val"].task_pool is None and samplers["test"].task_pool is None
+    assert build_samplers(load_config(["data.dataset=synthetic"]), torch.device("cpu"))["train"].task_pool is None
     for preset in IMAML_PRESETS:  # examples/README.md L9, L14: at least 200,000 tasks
         assert load_config([f"preset={preset}"]).data.task_pool == 200000
     with pytest.raises(ConfigError, match="data.task_pool") as error:

@@ -6,7 +6,6 @@ Public API::
     ClassPool, synthetic_pool                 # one split's classes as one uint8 tensor
     load_omniglot, load_mnist                 # real data sets -> ClassPool
     TaskBatch, TaskSampler, evaluation_tasks  # N-way K-shot episodes
-    FixedTaskPoolSampler                      # training tasks from a fixed pool (iMAML's code)
 """
 
 from meta.data.errors import DataError
@@ -14,7 +13,7 @@ from meta.data.mnist import MNIST_PROTOCOLS, load_mnist
 from meta.data.omniglot import OFFICIAL_COUNTS, OmniglotCounts, load_omniglot, read_omniglot
 from meta.data.paths import resolve_cache_dir, resolve_data_root
 from meta.data.pool import ClassPool, synthetic_pool
-from meta.data.sampler import FixedTaskPoolSampler, TaskBatch, TaskIndices, TaskSampler, evaluation_tasks
+from meta.data.sampler import TaskBatch, TaskIndices, TaskSampler, evaluation_tasks
 from meta.data.splits import load_split
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "OFFICIAL_COUNTS",
     "ClassPool",
     "DataError",
-    "FixedTaskPoolSampler",
     "OmniglotCounts",
     "TaskBatch",
     "TaskIndices",

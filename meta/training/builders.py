@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meta.algorithms import ALGORITHMS
-from meta.data import ClassPool, FixedTaskPoolSampler, TaskSampler, load_mnist, load_omniglot, synthetic_pool
+from meta.data import ClassPool, TaskSampler, load_mnist, load_omniglot, synthetic_pool
 from meta.learner import MetaLearner
 from meta.models import build_model, norm_parameters_of
 from meta.rules import RULES, InnerRule, build_rule, first_order, masked
@@ -70,10 +70,9 @@ def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSamp
     if split == "test":
         queries = task.test_queries or queries
     try:
-        if split == "train" and cfg.data.task_pool is not None:  # a fixed pool of training tasks (iMAML's code)
-            return FixedTaskPoolSampler(load_pool(cfg.data, split), ways, shots, queries, device=device,
-                                        size=cfg.data.task_pool, seed=cfg.data.task_pool_seed)
-        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device)
+        pool = cfg.data.task_pool if split == "train" else None  # a fixed pool of training tasks (iMAML's code)
+        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device, task_pool=pool,
+                           task_pool_seed=cfg.data.task_pool_seed)
     except ValueError as error:
         raise ValueError(f"{split} split: {error}") from None
 
