@@ -27,6 +27,13 @@ INTENDED_CHANGES = {
     "protonets_omniglot_5w1s": {"task.test_queries": 15},
     # openai/supervised-reptile: 10,000 test tasks, batch norm eps 1e-3; the paper's +- is not a stated 95% CI
     "reptile_omniglot_5w1s": {"eval.tasks": 10000, "model.norm_eps": 0.001, "reference.ci95": None},
+    # aravindr93/imaml_dev @6a2a669: omniglot_implicit_maml.py L107-112 (adapt without the proximal term, then the
+    # pull-back step), L124 with learner_model.py L143-153 (CG operator (1 + 1.0) v + Hv / (lam + 10)), utils.py
+    # L88-90 (CG residual_tol 1e-10), learner_model.py L17 (Adam eps 1e-3), L219-228 (256-feature head, init),
+    # examples/README.md L9, L14 (a fixed pool of >= 200,000 training tasks)
+    "imaml_omniglot_5w1s": {"imaml.formulation": "code", "imaml.regu_coef": 1.0, "imaml.lam_damping": 10.0,
+                            "imaml.cg_tol": 1e-10, "train.adam_eps": 1e-3, "model.conv4_head": "flatten",
+                            "model.init": "imaml", "data.task_pool": 200000},
 }
 
 

@@ -9,7 +9,14 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from meta.algorithms import imaml, maml, mamlpp, protonets, reptile
-from meta.algorithms.imaml import IMAML, Implicit, conjugate_gradient, implicit_meta_grad, proximal_adapt
+from meta.algorithms.imaml import (
+    IMAML,
+    Implicit,
+    conjugate_gradient,
+    implicit_meta_grad,
+    proximal_adapt,
+    pullback_adapt,
+)
 from meta.algorithms.mamlpp import MAMLPlusPlus, MultiStepSchedule, msl_weights
 from meta.algorithms.protonets import ProtoNet, Prototypes, prototype_logits
 from meta.algorithms.reptile import Reptile, ReptileDifference
@@ -58,5 +65,6 @@ __all__ = [
     "implicit_meta_grad",
     "msl_weights",
     "proximal_adapt",
+    "pullback_adapt",
     "prototype_logits",
 ]

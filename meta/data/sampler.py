@@ -14,6 +14,8 @@ from meta.types import Task
 # Tasks drawn per internal step in ``evaluation_tasks``; fixed so that the evaluation set
 # does not depend on the caller's batch size.
 _EVAL_CHUNK = 100
+# Tasks drawn per internal step when a ``TaskSampler`` generates its ``task_pool`` (bounds the memory of the draw).
+_POOL_CHUNK = 1000
 
 
 #: A batch of ``T`` tasks: ``support_x`` float ``[T, N*K, C, H, W]`` in [0, 1], ``support_y`` long ``[T, N*K]``
@@ -60,6 +62,13 @@ class TaskSampler:
     If the pool has several ``rotations``, every class of a task is shown at one of them,
     drawn uniformly per task and class (MAML's semantics: the N classes are N distinct
     pool classes, so two rotations of one character never share a task).
+
+    With ``task_pool`` (iMAML's code: aravindr93/imaml_dev examples/README.md L7-L14 pre-generates at least
+    200,000 tasks), tasks come from a fixed pool of that many task definitions (each task's classes with their
+    labels, and its support and query drawings), drawn once at construction from a generator seeded with
+    ``task_pool_seed``; every draw then picks pool tasks uniformly with replacement (omniglot_implicit_maml.py L98)
+    and draws their example orders and rotations afresh, as the code's ``OmniglotFewShotDataset.__getitem__``
+    redraws a task's rotations each time it is used (dataset.py L199).
     """
 
     def __init__(
@@ -71,6 +80,8 @@ class TaskSampler:
         device: torch.device | str = "cpu",
         *,
         shuffle: bool = True,
+        task_pool: int | None = None,
+        task_pool_seed: int = 0,
     ) -> None:
         self.ways = _check_positive_int("ways", ways)
         self.shots = _check_positive_int("shots", shots)
@@ -106,11 +117,21 @@ class TaskSampler:
         self._uniform = bool((pool.counts == pool.max_drawings).all())
         self._classes, self._drawings = pool.num_classes, pool.max_drawings  # (read in every sample)
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
+        self.task_pool = None if task_pool is None else _check_positive_int("task_pool", task_pool)
+        if self.task_pool is not None:
+            small = max(self.pool.num_classes, self.pool.max_drawings) < 2**15
+            dtype = torch.int16 if small else torch.int32  # 200,000 20-way 5-shot tasks: 88 MB, not 352 in int64
+            g = torch.Generator().manual_seed(int(task_pool_seed))
+            chunks = [self._fresh_indices(min(_POOL_CHUNK, self.task_pool - start), g)
+                      for start in range(0, self.task_pool, _POOL_CHUNK)]
+            self.pool_classes = torch.cat([c.classes.to(dtype) for c in chunks])
+            self.pool_drawings = torch.cat([c.drawings.to(dtype) for c in chunks])
 
     def __repr__(self) -> str:
+        pooled = "" if self.task_pool is None else f", a pool of {self.task_pool} tasks"
         return (
             f"TaskSampler({self.ways}-way {self.shots}-shot {self.queries}-query, "
-            f"{self.pool.num_classes} classes, device={self.device})"
+            f"{self.pool.num_classes} classes{pooled}, device={self.device})"
         )
 
     def _counts_on(self, device: torch.device) -> torch.Tensor:
@@ -119,11 +140,19 @@ class TaskSampler:
         return self._counts_by_device[device]
 
     def sample_indices(self, num_tasks: int, generator: torch.Generator) -> TaskIndices:
-        """Draw the indices of ``num_tasks`` tasks from ``generator``."""
+        """Draw the indices of ``num_tasks`` tasks from ``generator`` (fresh, or picked from the task pool)."""
         num_tasks = _check_positive_int("num_tasks", num_tasks)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        g, dev = generator, generator.device
+        if self.task_pool is None:
+            return self._fresh_indices(num_tasks, generator)
+        which = torch.randint(self.task_pool, (num_tasks,), generator=generator, device=generator.device)
+        which = which.to(self.pool_classes.device)
+        classes, drawings = (t[which].long().to(generator.device) for t in (self.pool_classes, self.pool_drawings))
+        return self._with_orders_and_rotations(classes, drawings, generator)
+
+    def _fresh_indices(self, num_tasks: int, g: torch.Generator) -> TaskIndices:
+        dev = g.device
         n, k, q = self.ways, self.shots, self.queries
         c, m = self._classes, self._drawings
         # The N smallest of C uniforms, in increasing order: a uniformly random ordered
@@ -137,6 +166,14 @@ class TaskSampler:
             pad = torch.arange(m, device=dev) >= counts.unsqueeze(-1)
             keys = keys.masked_fill(pad, 2.0)
         drawings = keys.topk(k + q, dim=2, largest=False).indices
+        return self._with_orders_and_rotations(classes, drawings, g)
+
+    def _with_orders_and_rotations(
+        self, classes: torch.Tensor, drawings: torch.Tensor, g: torch.Generator
+    ) -> TaskIndices:
+        """The tasks of ``classes`` and ``drawings`` with example orders and rotations drawn from ``g``."""
+        num_tasks, dev = classes.shape[0], g.device
+        n, k, q = self.ways, self.shots, self.queries
         if self.shuffle:
             s_order = torch.rand(num_tasks, n * k, generator=g, device=dev).argsort(dim=1)
             q_order = torch.rand(num_tasks, n * q, generator=g, device=dev).argsort(dim=1)

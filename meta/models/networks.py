@@ -335,7 +335,7 @@ class MLP(nn.Module):
         return self.head(self.embed(x))
 
 
-INIT_SCHEMES = ("xavier", "maml")
+INIT_SCHEMES = ("xavier", "maml", "imaml")
 
 
 @torch.no_grad()
@@ -348,14 +348,20 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavi
     output weights from ``tf.random_normal``, standard deviation 1 (maml.py:L206); the MLP
     (``construct_fc_weights``, maml.py:L168-L177) draws every weight, the output's too, from
     ``tf.truncated_normal(stddev=0.01)``, a normal cut at two standard deviations. Biases are zero in both
-    (``tf.zeros``). Deterministic given the generator, and no global RNG is touched.
+    (``tf.zeros``). ``imaml``: aravindr93/imaml_dev's ``make_conv_network`` (implicit_maml/learner_model.py
+    L222-228): conv and linear weights Glorot-uniform with gain 1.73, biases uniform on [0, 0.05].
+    Deterministic given the generator, and no global RNG is touched.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")
     mlp = isinstance(model, MLP)
     head = getattr(model, "head", None)
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and scheme == "imaml":
+            nn.init.xavier_uniform_(module.weight, gain=1.73, generator=generator)
+            if module.bias is not None:
+                nn.init.uniform_(module.bias, 0.0, 0.05, generator=generator)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
             if scheme == "xavier" or (isinstance(module, nn.Conv2d) and not mlp):
                 nn.init.xavier_uniform_(module.weight, generator=generator)
             elif mlp:

@@ -62,7 +62,7 @@ def load_pool(data: DictConfig, split: str) -> ClassPool:
 
 
 def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSampler:
-    """The task sampler of one split on ``device``."""
+    """The task sampler of one split on ``device`` (for training, from a fixed pool with ``data.task_pool``)."""
     task = cfg.task
     ways, shots, queries = task.ways, task.shots, task.queries
     if split == "train":
@@ -70,7 +70,9 @@ def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSamp
     if split == "test":
         queries = task.test_queries or queries
     try:
-        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device)
+        pool = cfg.data.task_pool if split == "train" else None  # a fixed pool of training tasks (iMAML's code)
+        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device, task_pool=pool,
+                           task_pool_seed=cfg.data.task_pool_seed)
     except ValueError as error:
         raise ValueError(f"{split} split: {error}") from None
 
@@ -106,15 +108,17 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
 
 
 def build_optimizer(cfg: DictConfig, learner: MetaLearner) -> torch.optim.Optimizer:
-    """The outer optimizer over ``learner.parameters()``: Adam (default) or plain SGD (Reptile).
+    """The outer optimizer over ``learner.parameters()``: Adam (default; epsilon ``train.adam_eps``) or plain SGD
+    (Reptile).
     With ``train.cuda_graph``, Adam keeps its state and learning rate in device tensors (``capturable``)."""
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(learner.parameters(), lr=cfg.train.meta_lr)
+    eps = cfg.train.adam_eps
     if cfg.train.cuda_graph:
         device = next(learner.parameters()).device
         lr = torch.tensor(cfg.train.meta_lr, device=device)
-        return torch.optim.Adam(learner.parameters(), lr=lr, capturable=True)
-    return torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+        return torch.optim.Adam(learner.parameters(), lr=lr, eps=eps, capturable=True)
+    return torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr, eps=eps)
 
 
 def meta_lr_at(cfg: DictConfig, step: int) -> float:

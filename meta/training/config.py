@@ -46,6 +46,11 @@ class DataConfig:
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # rotation angles in degrees (see rotation)
     rotate_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # splits that rotate at all
     download: bool = False  # opt-in download from the official URLs
+    # training tasks from a fixed pool of this many task definitions (classes, labels, drawings), drawn once from
+    # task_pool_seed; each batch picks pool tasks uniformly with replacement, with fresh example orders and rotations
+    # (iMAML's code: >= 200,000 pre-generated tasks). null: every training task fresh. Validation and test: fresh
+    task_pool: int | None = None
+    task_pool_seed: int = 0  # the seed the task pool is drawn from (independent of seed, as the code's one file)
     synthetic_classes: int = 64  # synthetic data set only
     synthetic_drawings: int = 20  # synthetic data set only
 
@@ -70,6 +75,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # epsilon of task_bn and group (tf.contrib.layers.batch_norm, MAML's: 1e-3)
     # weight init, drawn from the seed's generator: xavier (Glorot-uniform conv and linear weights) | maml
     # (cbfinn/maml: conv Glorot-uniform and output weights normal with std 1; MLP truncated normal, std 0.01)
+    # | imaml (aravindr93/imaml_dev: Glorot-uniform with gain 1.73, biases uniform on [0, 0.05])
     init: str = "xavier"
     # what conv4's head reads: mean (the spatial mean of the last 64 feature maps: cbfinn/maml maml.py forward_conv
     # reduce_mean) | flatten (all 2x2x64 = 256 values at 28 pixels: supervised-reptile models.py L24). conv4 only
@@ -107,6 +113,7 @@ class TrainConfig:
     meta_batch: int = 32  # tasks per outer step
     meta_lr: float = 1e-3  # outer learning rate
     optimizer: str = "adam"  # adam | sgd (Reptile: SGD on initial - mean(adapted) is theta += lr * (phi - theta))
+    adam_eps: float = 1e-8  # epsilon of the outer Adam (torch's default; iMAML's code: 1e-3); optimizer adam only
     lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), from meta_lr to min_meta_lr
     min_meta_lr: float = 0.0  # end value of the cosine and linear schedules
     lr_step_every: int = 2000  # step schedule (ProtoNets): meta_lr times lr_step_factor every this many iterations
@@ -136,6 +143,14 @@ class IMAMLConfig:
     lam: float = 2.0  # proximal regularization lambda (Rajeswaran et al. 2019: 2.0)
     cg_steps: int = 5  # conjugate-gradient steps for the implicit meta-gradient (Rajeswaran et al. 2019: 5)
     test_lam: float | None = None  # lambda of the test-time adaptation; null: same as lam
+    # paper: the inner rule runs on the proximal objective support + lam/2 |phi - theta|^2 | code (the official
+    # aravindr93/imaml_dev): the rule runs on the support loss alone, then one more update on the gradient of
+    # lam/2 |phi - theta|^2 (the pull-back); cg_steps <= 1 means the query gradient, no CG (meta/algorithms/imaml.py)
+    formulation: str = "paper"
+    # the CG operator is (1 + regu_coef) v + Hv / (lam + lam_damping); regu_coef 0: the paper's. Official code: 1.0
+    regu_coef: float = 0.0
+    lam_damping: float = 0.0  # see regu_coef; 0: the paper's v + Hv / lam. Official code: 10 (learner_model.py L143)
+    cg_tol: float = 0.0  # CG stops updating once the squared residual r.r < cg_tol (official code: 1e-10); 0: never
 
 
 @dataclass
@@ -212,16 +227,17 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
     "model.norm_affine": ("gamma_beta", "beta", "none"),
-    "model.init": ("xavier", "maml"),
+    "model.init": ("xavier", "maml", "imaml"),
     "model.conv4_head": ("mean", "flatten"),
     "inner.loss_reduction": ("mean", "sum_over_shots"),
     "eval.checkpoint": ("best", "last"),
+    "imaml.formulation": ("paper", "code"),
 }
 
 POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
             "train.lr_step_every", "train.lr_step_factor",
             "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
-            "data.image_size", "model.norm_eps", "dist.timeout_s")
+            "data.image_size", "model.norm_eps", "dist.timeout_s", "train.adam_eps")
 
 
 def available_presets() -> list[str]:
@@ -389,10 +405,13 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size"):
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size", "data.task_pool"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
+    if cfg.train.optimizer != "adam" and cfg.train.adam_eps != TrainConfig.adam_eps:
+        raise ConfigError(f"train.adam_eps={cfg.train.adam_eps} applies to train.optimizer=adam only, not "
+                          f"{cfg.train.optimizer}; leave it at {TrainConfig.adam_eps}")
     from meta.algorithms import ALGORITHMS
 
     algorithm = ALGORITHMS[cfg.algorithm]
