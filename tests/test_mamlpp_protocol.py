@@ -4,7 +4,10 @@ ensemble``), from the library functions to scripts/train_maml.py, scripts/evalua
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +18,20 @@ import meta
 from meta import rules
 from meta.algorithms import MAMLPlusPlus, msl_weights
 from meta.evaluation import ensemble_evaluate, evaluate_learner, query_logits
-from meta.training.builders import apply_schedules, build_learner, build_optimizer, meta_lr_at
+from meta.training.builders import (
+    apply_schedules,
+    build_learner,
+    build_optimizer,
+    build_sampler,
+    meta_lr_at,
+)
+from meta.training.builders import test_inner_steps as eval_steps  # (a name pytest would collect)
 from meta.training.config import ConfigError, load_config
+from meta.training.run_log import load_checkpoint, top_checkpoint_path
 from tests.helpers import random_tasks
+from tests.test_distributed import ODD, TOLERANCE, launch
 from tests.test_rules import perturb_rule_params, small_model
+from tests.test_training import PINNED, run_cli, train_records
 
 # ---- per-epoch schedules ------------------------------------------------------------------------
 
@@ -129,8 +142,6 @@ def test_an_ensemble_of_two_models_averages_their_logits_task_by_task(tasks) -> 
 
 def test_evaluate_learner_takes_an_ensemble_and_scores_its_predictions() -> None:
     cfg = load_config(["data.dataset=synthetic", "data.synthetic_classes=20", "device=cpu", "dtype=float64"])
-    from meta.training.builders import build_sampler
-
     sampler = build_sampler(cfg, "test", torch.device("cpu"))
     learners = [build_learner(load_config([*overrides, "data.dataset=synthetic", f"seed={seed}"]), torch.float64,
                               torch.device("cpu")) for seed, overrides in ((0, []), (1, []))]
@@ -153,3 +164,111 @@ def test_ensemble_config_errors_are_one_line() -> None:
         load_config(["preset=protonets_omniglot_5w1s", "eval.checkpoint=ensemble"])
     with pytest.raises(ConfigError, match="train.epoch_iterations must be positive"):
         load_config(["train.epoch_iterations=0"])
+
+
+# ---- the training script, evaluate.py, resume and torchrun --------------------------------------
+
+ENSEMBLE = [*PINNED, "train.val_every=2", "train.checkpoint_every=4", "eval.checkpoint=ensemble",
+            "eval.ensemble_size=3", "train.iterations=10"]
+
+
+def expected_top(out_dir: Path, size: int) -> list[tuple[int, float]]:
+    """The top validations from metrics.jsonl, ranked as experiment_builder.py L251 (accuracy, then later step)."""
+    val = [(r["step"], r["accuracy"]) for r in train_records(out_dir) if r["split"] == "val"]
+    return sorted(val, key=lambda sv: (sv[1], sv[0]), reverse=True)[:size]
+
+
+@pytest.mark.slow  # CLI runs in subprocesses
+def test_training_keeps_the_top_validation_checkpoints_and_tests_their_ensemble(tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("train_maml.py", *ENSEMBLE, f"out_dir={out}")
+    results = json.loads((out / "results.json").read_text())
+    top = expected_top(out, 3)
+    assert len(train_records(out)) > 10 and len(top) == 3
+    assert [(e["step"], e["accuracy"]) for e in results["ensemble"]] == top
+    assert sorted(p.name for p in out.glob("top_step*.pt")) == sorted(f"top_step{s:07d}.pt" for s, _ in top)
+    for step, accuracy in top:  # each file holds the model validated at its step
+        state = load_checkpoint(top_checkpoint_path(out, step))
+        assert state["step"] == step and state["val"]["accuracy"] == accuracy
+    steps = ", ".join(str(s) for s, _ in top)
+    assert results["checkpoint"] == f"ensemble of the top 3 validation checkpoints (steps {steps})"
+    assert f"test accuracy (ensemble of the top 3 validation checkpoints (steps {steps}))" in proc.stdout
+
+    # the test accuracy is the ensemble's, recomputed here from the three files
+    cfg = load_config([], base=load_checkpoint(out / "checkpoint.pt")["config"])
+    members = []
+    for step, _ in top:
+        member = build_learner(cfg, torch.float32, torch.device("cpu"))
+        member.load_state_dict(load_checkpoint(top_checkpoint_path(out, step))["learner"])
+        members.append(member)
+    sampler = build_sampler(cfg, "test", torch.device("cpu"))
+    again = evaluate_learner(members, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
+                             batch_size=cfg.eval.batch_size, inner_steps=eval_steps(cfg), per_task=True)
+    assert again["task_accuracies"] == results["test"]["task_accuracies"]
+    single = evaluate_learner(members[0], sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
+                              batch_size=cfg.eval.batch_size, inner_steps=eval_steps(cfg), per_task=True)
+    assert single["task_accuracies"] != results["test"]["task_accuracies"]  # not just the best member
+
+    # evaluate.py on the run folder agrees exactly, and takes fewer members but not more
+    evaluated = run_cli("evaluate.py", str(out))
+    assert f"ensemble of the top 3 validation checkpoints: steps {steps}" in evaluated.stdout
+    assert json.loads((out / "results_ensemble.json").read_text())["test"] == results["test"]
+    run_cli("evaluate.py", str(out), "eval.ensemble_size=2")
+    assert [e["step"] for e in json.loads((out / "results_ensemble.json").read_text())["ensemble"]] == [
+        s for s, _ in top[:2]]
+    for args, message in (
+        (["eval.ensemble_size=4"], "config error: eval.ensemble_size=4, but the run in {out} kept its top 3 "
+                                   "validation checkpoints (eval.ensemble_size in training); pass "
+                                   "eval.ensemble_size=3 or less"),
+        (["eval.checkpoint=top5"], "eval.checkpoint='top5' is not one of ('best', 'last', 'ensemble')"),
+    ):
+        proc = run_cli("evaluate.py", str(out), *args, check=False)
+        assert proc.returncode != 0 and message.format(out=out) in proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("evaluate.py", str(out / "best.pt"), "eval.checkpoint=ensemble", check=False)
+    assert proc.returncode != 0 and f"pass the folder {out} instead of the file best.pt" in proc.stderr
+
+
+@pytest.mark.slow  # CLI runs in subprocesses
+def test_a_run_without_the_ensemble_cannot_be_tested_as_one(tmp_path) -> None:
+    out = tmp_path / "best"
+    run_cli("train_maml.py", *PINNED, "train.iterations=3", f"out_dir={out}")
+    assert not list(out.glob("top_step*.pt"))
+    proc = run_cli("evaluate.py", str(out), "eval.checkpoint=ensemble", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (f"config error: eval.checkpoint=ensemble, but the run in {out} kept no top validation checkpoints (it "
+            f"trained with eval.checkpoint=best)") in proc.stderr
+    # nor switched to one on resume: the checkpoints before it were not kept
+    proc = run_cli("train_maml.py", *PINNED, "train.iterations=6", f"out_dir={out}", "resume=true",
+                   "eval.checkpoint=ensemble", check=False)
+    assert proc.returncode != 0 and "eval.checkpoint='best' -> 'ensemble'" in proc.stderr
+
+
+@pytest.mark.slow  # CLI runs in subprocesses
+def test_a_resumed_run_keeps_the_same_top_checkpoints_as_an_uninterrupted_one(tmp_path) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_cli("train_maml.py", *ENSEMBLE, f"out_dir={whole}")
+    run_cli("train_maml.py", *[a for a in ENSEMBLE if a != "train.iterations=10"], "train.iterations=5",
+            f"out_dir={resumed}")
+    kept = sorted(p.name for p in resumed.glob("top_step*.pt"))
+    assert len(kept) == 3
+    # a kill after a validation and before the next checkpoint leaves a top file the checkpoint does not list
+    shutil.copy(resumed / kept[0], resumed / "top_step0000007.pt")
+    run_cli("train_maml.py", *ENSEMBLE, f"out_dir={resumed}", "resume=true")
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, resumed))
+    assert a["ensemble"] == b["ensemble"] and a["test"] == b["test"]
+    assert sorted(p.name for p in resumed.glob("top_step*.pt")) == sorted(p.name for p in whole.glob("top_step*.pt"))
+
+
+@pytest.mark.slow  # torchrun with 2 CPU processes
+def test_the_ensemble_test_is_sharded_under_torchrun_as_one_process_computes_it(tmp_path) -> None:
+    args = [*ODD, "train.iterations=6", "train.val_every=2", "eval.checkpoint=ensemble", "eval.ensemble_size=2"]
+    launch(1, *args, f"out_dir={tmp_path / 'one'}")
+    two = launch(2, *args, f"out_dir={tmp_path / 'two'}")
+    assert "2 processes (gloo)" in two.stdout
+    one, both = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert both["processes"] == 2 and [e["step"] for e in both["ensemble"]] == [e["step"] for e in one["ensemble"]]
+    assert both["test"]["task_accuracies"] == one["test"]["task_accuracies"]
+    assert both["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=TOLERANCE)
+    run_cli("evaluate.py", str(tmp_path / "two"))  # one process on the same files: exactly the sharded result
+    assert json.loads((tmp_path / "two" / "results_ensemble.json").read_text())["test"] == both["test"]
