@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from meta.data import DataError
 from meta.evaluation import evaluate_learner
 from meta.training.builders import (
@@ -45,7 +47,7 @@ from meta.training.run_log import (
 )
 
 
-def ensemble_members(folder: Path, state: dict, cfg) -> list[dict]:
+def ensemble_members(folder: Path, state: dict, cfg: DictConfig) -> list[dict]:
     """The top validation checkpoints of the run in ``folder`` to ensemble (``{"step", "accuracy"}``, best first):
     the first ``eval.ensemble_size`` of those its newest checkpoint lists. A ValueError names what is missing."""
     trained = state["config"].get("eval", {})
