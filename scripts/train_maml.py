@@ -7,7 +7,8 @@
 Every key of meta/training/config.py can be overridden as key=value: --help lists them all with their types,
 defaults, allowed values and meanings, and the presets; --show-config prints the resolved config and exits.
 A comma list sweeps: seed=0,1,2 runs one run per value into out_dir/seed=0, ... and prints one summary line.
-Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json.
+Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json (and with
+eval.checkpoint=ensemble the top validation checkpoints top_step*.pt).
 Several processes, GPUs or machines: python -m torch.distributed.run --nproc_per_node N scripts/train_maml.py ...
 (one run; rank 0 writes every output; see the README's "Scaling out").
 """
@@ -61,10 +62,13 @@ from meta.training.run_log import (
     load_checkpoint,
     load_learner_state,
     plot_curves,
+    prune_top_checkpoints,
+    rank_top,
     remove_run_files,
     run_metadata,
     save_checkpoint,
     to_json,
+    top_checkpoint_path,
 )
 from meta.training.sweep import expand_sweep, summarize_sweep, summary_line, sweep_axes
 
@@ -201,6 +205,7 @@ optimizer = build_optimizer(cfg, learner)
 meta_lrs = [meta_lr_at(cfg, s) for s in range(cfg.train.iterations)]  # per iteration (train.lr_schedule)
 generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
+top: list[dict] = []  # eval.checkpoint=ensemble: the eval.ensemble_size best validations, best first
 train_seconds = 0.0
 
 if resumed_state is not None:
@@ -210,8 +215,10 @@ if resumed_state is not None:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
+        top = state.get("top", [])
         if dist_ctx.is_main:
             metrics.truncate_after(step)  # also drops a half-written last line
+            prune_top_checkpoints(out_dir, top)  # top files written after the checkpoint: those steps run again
     except (CheckpointError, KeyError, ValueError, RuntimeError) as error:
         sys.exit(f"resume error: {ckpt_path}: {' '.join(str(error).split())[:300]}")
     learner.auto_driver.choices.update(state["auto_choices"])  # the same strategy as before the interruption
@@ -235,8 +242,9 @@ def checkpoint() -> None:
         "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(), "step": step, "best": best,
         "window": {"loss": float(window["loss"]), "accuracy": float(window["accuracy"]), "count": window["count"]},
-        "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices,
+        "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices, "top": top,
     })
+    prune_top_checkpoints(out_dir, top)  # only now: until it is saved, a resume goes back to the files it lists
 
 
 def check_finite() -> None:
@@ -250,9 +258,11 @@ def check_finite() -> None:
                  f"too large; lower it and start again in a new out_dir (or with overwrite=true)")
 
 
-def evaluate(split: str, num_tasks: int, seed: int) -> dict:
+def evaluate(split: str, num_tasks: int, seed: int, model=None) -> dict:
+    """``model`` (default: the learner being trained) on the fixed task set of ``split``; a list: its ensemble."""
     return evaluate_learner(
-        learner, samplers[split], num_tasks=num_tasks, seed=seed, batch_size=cfg.eval.batch_size,
+        learner if model is None else model, samplers[split], num_tasks=num_tasks, seed=seed,
+        batch_size=cfg.eval.batch_size,
         inner_steps=test_steps, rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
         per_task=split == "test",  # results.json keeps each test task's accuracy (paired comparisons)
         dist=dist_ctx,  # several processes: each evaluates its share of the batches, gathered in task order
@@ -334,11 +344,15 @@ while step < cfg.train.iterations and not stop_requested:
         if not math.isfinite(val["loss"]):  # the weights are finite, but test-time adaptation diverges
             bar.write(f"warning: step {step}: the validation loss is not finite (logged as null): the test-time "
                       f"inner loop diverges; inner.test_lr or inner.lr is likely too large")
+        saved = {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "step": step, "val": val}
         if val["accuracy"] > best["accuracy"]:
             best = {"accuracy": val["accuracy"], "step": step}
             if dist_ctx.is_main:
-                save_checkpoint(best_path, {"config": OmegaConf.to_container(cfg), "learner": learner.state_dict(),
-                                            "step": step, "val": val})
+                save_checkpoint(best_path, saved)
+        if cfg.eval.checkpoint == "ensemble":  # files of steps that drop out go at the next checkpoint
+            top = rank_top(top, step, val["accuracy"], cfg.eval.ensemble_size)
+            if dist_ctx.is_main and any(e["step"] == step for e in top):
+                save_checkpoint(top_checkpoint_path(out_dir, step), saved)
         bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
                   f"(best {best['accuracy']:.2f})")
         tick = time.perf_counter()
@@ -352,7 +366,19 @@ if stop_requested:
 bar.close()
 
 # ---- test -----------------------------------------------------------------------------------
-if cfg.eval.checkpoint == "best" and dist_ctx.broadcast_object(best_path.exists()):  # rank 0's folder
+tested = learner
+if cfg.eval.checkpoint == "ensemble":  # MAML++ (experiment_builder.py L247-290): the top validation checkpoints
+    tested = [build_learner(cfg, dtype, device) for _ in top]
+    for member, entry in zip(tested, top):
+        if dist_ctx.is_main:
+            path = top_checkpoint_path(out_dir, entry["step"])
+            load_learner_state(member, load_checkpoint(path, map_location=device), path)
+        dist_ctx.broadcast_([*member.parameters(), *member.buffers()])
+    fewer = (f"; only {len(top)} validations ran, eval.ensemble_size={cfg.eval.ensemble_size}"
+             if len(top) < cfg.eval.ensemble_size else "")
+    chosen = (f"ensemble of the top {len(top)} validation checkpoints (steps "
+              f"{', '.join(str(e['step']) for e in top)}{fewer})")
+elif cfg.eval.checkpoint == "best" and dist_ctx.broadcast_object(best_path.exists()):  # rank 0's folder
     if dist_ctx.is_main:
         learner.load_state_dict(load_checkpoint(best_path, map_location=device)["learner"])
     dist_ctx.broadcast_([*learner.parameters(), *learner.buffers()])
@@ -360,12 +386,13 @@ if cfg.eval.checkpoint == "best" and dist_ctx.broadcast_object(best_path.exists(
 else:
     chosen = f"last (step {step})"
 start = time.perf_counter()
-test = evaluate("test", cfg.eval.tasks, seed=cfg.eval.seed)
+test = evaluate("test", cfg.eval.tasks, seed=cfg.eval.seed, model=tested)
 dist_ctx.close()
 if not dist_ctx.is_main:
     sys.exit(0)
 results = {
     "test": test, "checkpoint": chosen, "best_val": best, **run_metadata(cfg, device),
+    **({"ensemble": top} if cfg.eval.checkpoint == "ensemble" else {}),  # steps and validation accuracies
     "train_wall_time_s": train_seconds, "test_wall_time_s": time.perf_counter() - start,
     "command": " ".join(["python", *sys.argv]), "processes": dist_ctx.world,
 }

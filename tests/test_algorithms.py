@@ -101,7 +101,8 @@ def test_mamlpp_with_every_switch_off_is_maml_and_derivative_order_anneals(tasks
 
 
 def test_meta_lr_schedules():
-    cfg = load_config(["preset=mamlpp_omniglot_5w1s", "train.iterations=100"])
+    # per iteration (the MAML++ presets step it per epoch of 500: tests/test_mamlpp_protocol.py)
+    cfg = load_config(["preset=mamlpp_omniglot_5w1s", "train.iterations=100", "train.epoch_iterations=null"])
     assert meta_lr_at(cfg, 0) == pytest.approx(1e-3) and meta_lr_at(cfg, 100) == pytest.approx(1e-5)
     assert meta_lr_at(cfg, 50) == pytest.approx((1e-3 + 1e-5) / 2)
     cfg = load_config(["preset=reptile_omniglot_5w1s", "train.iterations=100"])

@@ -21,8 +21,11 @@ BEFORE = json.loads((Path(__file__).parent / "fixtures" / "presets_resolved_a14f
 INTENDED_CHANGES = {
     # HowToTrainYourMAMLPytorch experiment_config/omniglot_maml++-omniglot_1_8_0.1_64_5_0.json (HEAD): batch 8,
     # 100 epochs x 500 iterations, multi-step loss for 10 epochs, first_order_to_second_order_epoch -1
+    # experiment_builder.py L331-334 (validation on the 600 evaluation tasks every epoch) and L371, L247-290 (the
+    # test accuracy is that of the top-5 validation epochs' ensemble)
     "mamlpp_omniglot_5w1s": {"train.meta_batch": 8, "train.iterations": 50000, "mamlpp.msl_iterations": 5000,
-                             "mamlpp.first_order_iterations": 0},
+                             "mamlpp.first_order_iterations": 0, "train.val_tasks": 600,
+                             "eval.checkpoint": "ensemble"},
     # jakesnell/prototypical-networks: 15 query examples per class at test time
     "protonets_omniglot_5w1s": {"task.test_queries": 15},
     # openai/supervised-reptile: 10,000 test tasks, batch norm eps 1e-3; the paper's +- is not a stated 95% CI

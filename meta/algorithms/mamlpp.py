@@ -35,14 +35,22 @@ class MultiStepSchedule:
     * ``msl_iterations > 0``: for the first ``msl_iterations`` iterations the loss is the multi-step loss weighted
       by :func:`msl_weights` (progress = iteration / msl_iterations); afterwards the last step only.
     * ``first_order_iterations > 0``: first-order inner gradients for that many iterations, then second order.
+    * ``epoch_iterations`` (E): both are read at the first iteration of ``step``'s epoch, so they move once per
+      epoch as in the official code: its weights use ``current_epoch = int(iter / 500)`` (few_shot_learning_system.py
+      L83-103, L345-348), the multi-step loss runs while ``epoch < multi_step_loss_num_epochs`` (L232) and second
+      order once ``epoch > first_order_to_second_order_epoch`` (L304-305, so ``first_order_iterations`` is
+      ``(that epoch + 1) * E``). None: every iteration.
     """
 
     steps: int
     msl_iterations: int = 0
     first_order_iterations: int = 0
+    epoch_iterations: int | None = None
 
     def __call__(self, step: int, total: int) -> Phase:
         """The phase of iteration ``step`` (``total`` is not used: the switches count iterations)."""
+        if self.epoch_iterations is not None:
+            step -= step % self.epoch_iterations
         weights = None
         if step < self.msl_iterations and self.steps > 1:
             weights = msl_weights(self.steps, step / self.msl_iterations)
@@ -56,12 +64,13 @@ def MAMLPlusPlus(  # builds a MetaLearner, named like the algorithm
     loss_fn: LossFn = F.cross_entropy,
     msl_iterations: int = 0,
     first_order_iterations: int = 0,
+    epoch_iterations: int | None = None,
     **parts,
 ) -> MetaLearner:
     """MAML with the :class:`MultiStepSchedule`, at iteration 0. With both switches 0 (and the rule's off) it is
     exactly MAML."""
-    learner = MetaLearner(model, rule, inner_steps, loss_fn,
-                          schedule=MultiStepSchedule(inner_steps, msl_iterations, first_order_iterations), **parts)
+    schedule = MultiStepSchedule(inner_steps, msl_iterations, first_order_iterations, epoch_iterations)
+    learner = MetaLearner(model, rule, inner_steps, loss_fn, schedule=schedule, **parts)
     learner.set_iteration(0, 1)
     return learner
 
@@ -72,4 +81,5 @@ check_config = check_adapted_head
 def build(cfg: Any, model: nn.Module, rule: InnerRule) -> MetaLearner:
     """``algorithm=mamlpp``'s learner."""
     return MAMLPlusPlus(model, rule, cfg.inner.steps, msl_iterations=cfg.mamlpp.msl_iterations,
-                        first_order_iterations=cfg.mamlpp.first_order_iterations, **inner_loop(cfg))
+                        first_order_iterations=cfg.mamlpp.first_order_iterations,
+                        epoch_iterations=cfg.train.epoch_iterations, **inner_loop(cfg))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from meta.data import TaskSampler, evaluation_tasks
-from meta.learner import MetaLearner
+from meta.learner import MetaLearner, as_task_batch
+from meta.models.functional import detached, functional_forward
 from meta.rules import InnerRule
+from meta.types import Params, Task
 
 if TYPE_CHECKING:
     from meta.training.distributed import DistContext
@@ -25,8 +29,51 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), 1.96 * std / math.sqrt(n)
 
 
-def evaluate_learner(
+@torch.no_grad()
+def query_logits(
     learner: MetaLearner,
+    tasks: Task | tuple[torch.Tensor, ...],
+    inner_steps: int | None = None,
+    rule: InnerRule | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Query logits ``[tasks, queries, ways]`` after the learner's own test-time adaptation (its strategy's
+    ``eval_fn``, as :meth:`MetaLearner.evaluate` runs it): the forward pass that gives its accuracy, returned."""
+    steps = learner.inner_steps if inner_steps is None else inner_steps
+    rule = learner.rule if rule is None else rule
+    if rule is None:
+        raise ValueError(f"{learner.outer.name} adapts no parameters, so its query logits are not those of adapted "
+                         f"parameters; an ensemble needs a learner with an inner loop")
+    task_fn, forward = learner.outer.eval_fn(learner, rule, steps), functional_forward(learner.model)
+
+    def logits(params: Params, rule_params: Params, buffers: Params, task: Task) -> torch.Tensor:
+        _, (_, adapted) = task_fn(params, rule_params, buffers, task)
+        return forward(rule.at_step(adapted, rule_params, max(steps - 1, 0)), buffers, task[2])
+
+    state = [detached(tree) for tree in learner.functional_state()]
+    return torch.vmap(logits, in_dims=(None, None, None, 0), chunk_size=chunk_size)(*state, as_task_batch(tasks))
+
+
+def ensemble_evaluate(
+    learners: Sequence[MetaLearner],
+    tasks: Task | tuple[torch.Tensor, ...],
+    inner_steps: int | None = None,
+    rule: InnerRule | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task query loss and accuracy of an ensemble, as MAML++'s code combines its top models
+    (experiment_builder.py L282-287): every member adapts on the support set as usual, the members' query logits
+    are averaged, and the argmax of the mean is the prediction. The loss is the cross-entropy of the mean logits."""
+    tasks = as_task_batch(tasks)
+    mean = torch.stack([query_logits(m, tasks, inner_steps, rule, chunk_size) for m in learners]).mean(dim=0)
+    query_y = tasks[3]
+    loss = F.cross_entropy(mean.flatten(0, 1), query_y.flatten(), reduction="none").view_as(query_y).mean(dim=-1)
+    accuracy = (mean.argmax(dim=-1) == query_y).to(mean.dtype).mean(dim=-1)
+    return loss, accuracy
+
+
+def evaluate_learner(
+    learner: MetaLearner | Sequence[MetaLearner],
     sampler: TaskSampler,
     *,
     num_tasks: int,
@@ -42,6 +89,8 @@ def evaluate_learner(
 ) -> dict[str, Any]:
     """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``; with ``per_task``,
     also ``task_accuracies``: each task's accuracy in percent, in the task set's order (for paired comparisons).
+    A sequence of learners is evaluated as their ensemble (:func:`ensemble_evaluate`): the accuracies and the CI
+    are those of the ensemble's predictions, task by task.
 
     With ``dist`` (several ranks), every rank draws the same task set and evaluates every ``world``-th batch of it;
     the per-task results are gathered in task order, so every rank returns what one process would, exactly."""
@@ -52,7 +101,11 @@ def evaluate_learner(
             continue
         batch = batch.to(device)
         tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
-        loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
+        if isinstance(learner, MetaLearner):
+            loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
+        else:
+            loss, accuracy = ensemble_evaluate(learner, tasks, inner_steps=inner_steps, rule=rule,
+                                               chunk_size=chunk_size)
         losses.append(loss)
         accuracies.append(accuracy)
     if world > 1:  # batch i is rank i % world's (i // world)-th: interleave the gathered lists back into order

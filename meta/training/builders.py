@@ -122,7 +122,12 @@ def build_optimizer(cfg: DictConfig, learner: MetaLearner) -> torch.optim.Optimi
 
 
 def meta_lr_at(cfg: DictConfig, step: int) -> float:
-    """The outer learning rate at iteration ``step`` under ``train.lr_schedule``."""
+    """The outer learning rate at iteration ``step`` under ``train.lr_schedule``. With ``train.epoch_iterations``
+    (E) it is read at the first iteration of ``step``'s epoch: cosine is then torch's CosineAnnealingLR with
+    ``T_max = iterations / E`` epochs, stepped once per epoch, as HowToTrainYourMAMLPytorch runs it
+    (few_shot_learning_system.py L70-71 ``T_max=total_epochs``, L345-346 ``scheduler.step(epoch=int(epoch))``)."""
+    if cfg.train.epoch_iterations is not None:
+        step -= step % cfg.train.epoch_iterations
     start, end, t = cfg.train.meta_lr, cfg.train.min_meta_lr, step / cfg.train.iterations
     if cfg.train.lr_schedule == "cosine":
         return end + (start - end) * (1 + math.cos(math.pi * t)) / 2

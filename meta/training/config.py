@@ -126,6 +126,12 @@ class TrainConfig:
     val_every: int = 500  # iterations between validations
     val_tasks: int = 200  # validation tasks each time
     checkpoint_every: int = 1000  # iterations between checkpoints
+    # schedules advance once per epoch of this many iterations: the meta-lr schedule (train.lr_schedule) and
+    # MAML++'s multi-step-loss weights and derivative-order switch are piecewise constant, read at the epoch's
+    # first iteration (HowToTrainYourMAMLPytorch steps CosineAnnealingLR(T_max=total_epochs) and its loss
+    # weights once per epoch of total_iter_per_epoch=500: few_shot_learning_system.py L70-71, L83-103, L346);
+    # null: every iteration
+    epoch_iterations: int | None = None
 
 
 @dataclass
@@ -158,7 +164,12 @@ class EvalConfig:
     tasks: int = 600  # test tasks (a fixed set, a function of eval.seed)
     batch_size: int = 50  # test tasks evaluated per vmapped batch (memory; results do not depend on it)
     seed: int = 1234  # the test task set is a fixed function of this seed
-    checkpoint: str = "best"  # best (highest validation accuracy) | last (the final model; MAML tests its latest)
+    # best (highest validation accuracy) | last (the final model; MAML tests its latest) | ensemble (the
+    # ensemble_size checkpoints of highest validation accuracy, kept in out_dir as top_step*.pt during training;
+    # their query logits are averaged per task and the argmax is the prediction: MAML++'s experiment_builder.py
+    # L247-290; a run with fewer validations uses all of them, and says so)
+    checkpoint: str = "best"
+    ensemble_size: int = 5  # eval.checkpoint=ensemble: how many top validation checkpoints (MAML++: 5, L371)
 
 
 @dataclass
@@ -230,13 +241,14 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.init": ("xavier", "maml", "imaml"),
     "model.conv4_head": ("mean", "flatten"),
     "inner.loss_reduction": ("mean", "sum_over_shots"),
-    "eval.checkpoint": ("best", "last"),
+    "eval.checkpoint": ("best", "last", "ensemble"),
     "imaml.formulation": ("paper", "code"),
 }
 
 POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
             "train.lr_step_every", "train.lr_step_factor",
             "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
+            "eval.ensemble_size",
             "data.image_size", "model.norm_eps", "dist.timeout_s", "train.adam_eps")
 
 
@@ -258,7 +270,8 @@ RESUME_SAFE_KEYS = (
 EVAL_KEYS = (
     "device", "dtype", "driver", "progress", "data.root", "data.cache_dir", "data.download", "data.test_dataset",
     "data.test_protocol", "task.shots", "task.test_queries", "train.chunk_size", "inner.test_lr",
-    "inner.test_steps", "imaml.test_lam", "eval.tasks", "eval.batch_size", "eval.seed",
+    "inner.test_steps", "imaml.test_lam", "eval.tasks", "eval.batch_size", "eval.seed", "eval.checkpoint",
+    "eval.ensemble_size",
 )
 #: The keys a paper's reference number belongs to: change one and the reference no longer applies.
 REFERENCE_PROTOCOL = ("data.dataset", "data.protocol", "data.test_dataset", "data.test_protocol", "task.ways",
@@ -291,6 +304,8 @@ def check_resume_config(saved: Any, new: DictConfig) -> list[str]:
     safe = set(RESUME_SAFE_KEYS)
     if new.train.lr_schedule in ("cosine", "linear"):  # the schedule is a function of the total iterations
         safe.discard("train.iterations")
+    if new.eval.checkpoint == "ensemble" and flatten(saved).get("eval.checkpoint") != "ensemble":
+        safe.discard("eval.checkpoint")  # the top validation checkpoints are kept only from the start
     unsafe = [key for key in changed if key not in safe]
     if unsafe:
         old = flatten(saved)
@@ -405,7 +420,8 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size", "data.task_pool"):
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size", "data.task_pool",
+                "train.epoch_iterations"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
@@ -427,6 +443,9 @@ def validate(cfg: DictConfig) -> None:
             and cfg.model.norm_affine != "gamma_beta"):
         raise ConfigError(f"inner.rule=mamlpp with per-step batch norm finds norm layers by their gamma; "
                           f"model.norm_affine={cfg.model.norm_affine} has none: set model.norm_affine=gamma_beta")
+    if cfg.eval.checkpoint == "ensemble" and cfg.algorithm == "protonets":
+        raise ConfigError("eval.checkpoint=ensemble averages the query logits of adapted models; algorithm=protonets "
+                          "adapts none: use eval.checkpoint=best or last")
     if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
         raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     drivers = algorithm.supported_drivers()

@@ -268,7 +268,34 @@ def device_name(device: torch.device) -> str:
 
 #: The files scripts/train_maml.py writes into a run folder (``overwrite=true`` replaces exactly these).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "curves.png", "results.json",
-             "results_*.json")
+             "results_*.json", "top_step*.pt")
+
+
+def top_checkpoint_path(out_dir: Path, step: int) -> Path:
+    """Where ``eval.checkpoint=ensemble`` keeps the model validated at ``step`` while it is among the top ones."""
+    return Path(out_dir) / f"top_step{step:07d}.pt"
+
+
+def rank_top(top: list[dict[str, Any]], step: int, accuracy: float, size: int) -> list[dict[str, Any]]:
+    """The ``size`` best validations (``{"step", "accuracy"}``, best first) once ``step`` scored ``accuracy``.
+
+    Highest accuracy first; between equal accuracies the later step first, which is what MAML++'s
+    ``np.argsort(val_acc)[::-1][:top_n_models]`` gives when the sort is stable (experiment_builder.py L251; numpy's
+    default sort is stable only for short arrays, so the code's own order of ties is not defined)."""
+    entries = [*top, {"step": int(step), "accuracy": float(accuracy)}]
+    return sorted(entries, key=lambda e: (-e["accuracy"], -e["step"]))[:size]
+
+
+def prune_top_checkpoints(out_dir: Path, top: list[dict[str, Any]]) -> list[str]:
+    """Delete the ``top_step*.pt`` files of ``out_dir`` that ``top`` does not list; return their names. Called only
+    after a checkpoint that lists ``top`` is saved (and on resume), so the files the newest checkpoint lists exist."""
+    keep = {top_checkpoint_path(out_dir, e["step"]).name for e in top}
+    removed = []
+    for path in sorted(Path(out_dir).glob("top_step*.pt")):
+        if path.name not in keep:
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def check_out_dir(out_dir: Path) -> str | None:
