@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from meta.data import TaskSampler, evaluation_tasks
 from meta.learner import MetaLearner, as_task_batch
-from meta.models.functional import detached, functional_forward
+from meta.models.networks import detached, functional_forward
 from meta.rules import InnerRule
 from meta.types import Params, Task
 
