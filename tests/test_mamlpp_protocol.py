@@ -19,9 +19,7 @@ from meta import rules
 from meta.algorithms import MAMLPlusPlus, msl_weights
 from meta.evaluation import ensemble_evaluate, evaluate_learner, query_logits
 from meta.training.builders import (
-    apply_schedules,
     build_learner,
-    build_optimizer,
     build_sampler,
     meta_lr_at,
 )
@@ -77,12 +75,11 @@ def test_the_mamlpp_presets_schedule_per_epoch_of_500() -> None:
     cfg = load_config(["preset=mamlpp_omniglot_20w5s"])
     assert cfg.train.epoch_iterations == 500
     learner = build_learner(cfg, torch.float32, torch.device("cpu"))
-    optimizer = build_optimizer(cfg, learner)
-    apply_schedules(cfg, learner, optimizer, 499)
-    lr, weights = optimizer.param_groups[0]["lr"], learner.phase.step_weights
+    learner.set_iteration(499, cfg.train.iterations)
+    lr, weights = meta_lr_at(cfg, 499), learner.phase.step_weights
     assert lr == cfg.train.meta_lr and torch.equal(weights, msl_weights(5, 0.0).float())
-    apply_schedules(cfg, learner, optimizer, 500)
-    assert optimizer.param_groups[0]["lr"] < lr
+    learner.set_iteration(500, cfg.train.iterations)
+    assert meta_lr_at(cfg, 500) < lr
     assert torch.equal(learner.phase.step_weights, msl_weights(5, 0.1).float())
 
 
