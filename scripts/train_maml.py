@@ -57,6 +57,8 @@ from meta.training.run_log import (
     atomic_write_text,
     check_out_dir,
     device_name,
+    early_stop_start,
+    early_stop_update,
     existing_run_files,
     load_checkpoint,
     load_learner_state,
@@ -202,6 +204,7 @@ optimizer = build_optimizer(cfg, learner)
 generator = torch.Generator().manual_seed(cfg.seed)  # the only source of training tasks
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
 train_seconds = 0.0
+early_stop = early_stop_start()  # train.early_stop_patience: the best validation loss, its step, the wait
 
 if resumed_state is not None:
     state = resumed_state
@@ -210,6 +213,7 @@ if resumed_state is not None:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
+        early_stop = state.get("early_stop", early_stop)  # (absent from checkpoints written before the key)
         if dist_ctx.is_main:
             metrics.truncate_after(step)  # also drops a half-written last line
     except (CheckpointError, KeyError, ValueError, RuntimeError) as error:
@@ -235,7 +239,7 @@ def checkpoint() -> None:
         "config": OmegaConf.to_container(cfg), "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(), "step": step, "best": best,
         "window": {"loss": float(window["loss"]), "accuracy": float(window["accuracy"]), "count": window["count"]},
-        "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices,
+        "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices, "early_stop": early_stop,
     })
 
 
@@ -293,7 +297,7 @@ first_bad_step = torch.tensor(math.inf, device=device)  # the first step with a 
 if resumed_state is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
     checkpoint()
 signal.signal(signal.SIGINT, request_stop)
-while step < cfg.train.iterations and not stop_requested:
+while step < cfg.train.iterations and not stop_requested and not early_stop["stopped"]:
     apply_schedules(cfg, learner, optimizer, step)  # meta-lr schedule and learner.set_iteration
     batch = samplers["train"].sample(cfg.train.meta_batch, generator)
     loss, accuracy = meta_step((batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y))
@@ -335,9 +339,14 @@ while step < cfg.train.iterations and not stop_requested:
                                             "step": step, "val": val})
         bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
                   f"(best {best['accuracy']:.2f})")
+        if cfg.train.early_stop_patience is not None:
+            early_stop = early_stop_update(early_stop, val["loss"], step, cfg.train.early_stop_patience)
+            if early_stop["stopped"]:
+                bar.write(f"early stop at step {step}: no lower validation loss than {early_stop['best_loss']:.6f} "
+                          f"(step {early_stop['best_step']}) for {early_stop['wait']} validations")
         tick = time.perf_counter()
 
-    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations:
+    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations or early_stop["stopped"]:
         checkpoint()
 if stop_requested:
     checkpoint()
@@ -363,6 +372,8 @@ results = {
     "train_wall_time_s": train_seconds, "test_wall_time_s": time.perf_counter() - start,
     "command": " ".join(["python", *sys.argv]), "processes": dist_ctx.world,
 }
+if cfg.train.early_stop_patience is not None:  # the best validation loss and its step (the retraining's length)
+    results["early_stop"] = {**early_stop, "patience": cfg.train.early_stop_patience, "steps_trained": step}
 atomic_write_text(out_dir / "results.json", to_json(results, indent=2))
 metrics.close()
 plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})",

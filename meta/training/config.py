@@ -74,6 +74,12 @@ class ModelConfig:
     # what conv4's head reads: mean (the spatial mean of the last 64 feature maps: cbfinn/maml maml.py forward_conv
     # reduce_mean) | flatten (all 2x2x64 = 256 values at 28 pixels: supervised-reptile models.py L24). conv4 only
     conv4_head: str = "mean"
+    # statistics of task_bn: batch (each batch's own, in training and at test: transductive, MAML) | running
+    # (nn.BatchNorm2d's: batch statistics in training, which update running averages with momentum 0.1 and the
+    # unbiased variance; validation and test normalize with the running averages: ProtoNets' model.eval(),
+    # jakesnell/prototypical-networks scripts/predict/few_shot/eval.py L16). running: algorithm=protonets and
+    # driver=loop_autograd only (the update is in place, task after task)
+    norm_stats: str = "batch"
 
 
 @dataclass
@@ -119,6 +125,10 @@ class TrainConfig:
     val_every: int = 500  # iterations between validations
     val_tasks: int = 200  # validation tasks each time
     checkpoint_every: int = 1000  # iterations between checkpoints
+    # stop when this many validations in a row after the best (lowest) validation loss did not improve on it, plus
+    # one (jakesnell/prototypical-networks scripts/train/few_shot/train.py L98-114: wait > patience); results.json
+    # records the best step. null: train all iterations
+    early_stop_patience: int | None = None
 
 
 @dataclass
@@ -214,6 +224,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.norm_affine": ("gamma_beta", "beta", "none"),
     "model.init": ("xavier", "maml"),
     "model.conv4_head": ("mean", "flatten"),
+    "model.norm_stats": ("batch", "running"),
     "inner.loss_reduction": ("mean", "sum_over_shots"),
     "eval.checkpoint": ("best", "last"),
 }
@@ -389,6 +400,9 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.early_stop_patience is not None and cfg.train.early_stop_patience < 0:
+        raise ConfigError(f"train.early_stop_patience must be >= 0 (or null: no early stopping), got "
+                          f"{cfg.train.early_stop_patience}")
     for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
@@ -404,6 +418,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.norm_affine != "gamma_beta" and cfg.model.norm != "task_bn":
         raise ConfigError(f"model.norm_affine={cfg.model.norm_affine} needs model.norm=task_bn (got "
                           f"{cfg.model.norm}); set model.norm_affine=gamma_beta")
+    if cfg.model.norm_stats != "batch" and (cfg.model.norm != "task_bn" or cfg.algorithm != "protonets"):
+        raise ConfigError(f"model.norm_stats={cfg.model.norm_stats} needs model.norm=task_bn and algorithm=protonets "
+                          f"(got {cfg.model.norm}, {cfg.algorithm}): the other algorithms adapt under torch.func "
+                          f"transforms, which cannot update running statistics in place; set model.norm_stats=batch")
     if (cfg.inner.rule == "mamlpp" and cfg.inner.options.get("per_step_bn", True)
             and cfg.model.norm_affine != "gamma_beta"):
         raise ConfigError(f"inner.rule=mamlpp with per-step batch norm finds norm layers by their gamma; "
