@@ -45,8 +45,8 @@ class TaskBatchNorm(nn.Module):
     training mode it normalizes with the batch statistics and updates ``running_mean``/``running_var`` (momentum
     ``momentum``, unbiased variance) and ``num_batches_tracked`` in place; in eval mode (``model.eval()``) it
     normalizes with the running statistics (non-transductive). ``affine`` picks the learnable tensors:
-    ``gamma_beta`` (``weight`` and ``bias``, PyTorch's default), ``beta`` (``bias`` only: ``tf.contrib.layers.batch_norm``'s default
-    ``scale=False, center=True``, MAML's) or ``none``.
+    ``gamma_beta`` (``weight`` and ``bias``, PyTorch's default), ``beta`` (``bias`` only:
+    ``tf.contrib.layers.batch_norm``'s default ``scale=False, center=True``, MAML's) or ``none``.
 
     Two implementations of the same math: under ``vmap`` (and on non-CPU devices) the ``mean``/``var``
     primitives, because the fused kernel's second-order gradients are wrong under vmap (pytorch/functorch#534);
