@@ -22,6 +22,7 @@ from torch import nn
 from meta.algorithms import ProtoNet
 from meta.models import TaskBatchNorm, build_model
 from meta.training.config import ConfigError, load_config
+from meta.training.distributed import DistContext, check_distributable
 from meta.training.run_log import early_stop_start, early_stop_update, load_checkpoint
 from meta.training.tables import retrain_iterations
 
@@ -88,6 +89,9 @@ def test_running_statistics_refuse_transforms_drivers_and_other_algorithms() -> 
         load_config(["model.norm_stats=running"])  # MAML adapts under torch.func transforms
     with pytest.raises(ConfigError, match="model.norm=task_bn"):
         load_config(["preset=protonets_omniglot_5w1s", "model.norm=group"])
+    cfg = load_config(["preset=protonets_omniglot_5w1s", "train.meta_batch=2"])
+    assert check_distributable(cfg, DistContext()) is None  # one process runs it
+    assert "model.norm_stats=running" in check_distributable(cfg, DistContext(rank=0, world=2))
 
 
 # ---- ProtoNets with running statistics against a hand-written nn.BatchNorm2d ProtoNet ------------------------------
