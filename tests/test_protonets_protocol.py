@@ -21,6 +21,7 @@ from torch import nn
 
 from meta.algorithms import ProtoNet
 from meta.models import TaskBatchNorm, build_model
+from meta.training.builders import build_learner, build_sampler
 from meta.training.config import ConfigError, load_config
 from meta.training.distributed import DistContext, check_distributable
 from meta.training.run_log import early_stop_start, early_stop_update, load_checkpoint
@@ -92,6 +93,20 @@ def test_running_statistics_refuse_transforms_drivers_and_other_algorithms() -> 
     cfg = load_config(["preset=protonets_omniglot_5w1s", "train.meta_batch=2"])
     assert check_distributable(cfg, DistContext()) is None  # one process runs it
     assert "model.norm_stats=running" in check_distributable(cfg, DistContext(rank=0, world=2))
+
+
+def test_validation_episodes_take_val_ways_and_val_queries() -> None:
+    cfg = load_config(["preset=protonets_omniglot_20w1s", "data.dataset=synthetic", "data.synthetic_classes=25"])
+    val, test = (build_sampler(cfg, split, torch.device("cpu")) for split in ("val", "test"))
+    assert (val.ways, val.shots, val.queries) == (5, 1, 15)  # run_train.py L20 --data.test_way 5, L24 query 15
+    assert (test.ways, test.shots, test.queries) == (20, 1, 15)
+    batch = val.sample(1, torch.Generator().manual_seed(0))
+    assert batch.query_y.shape == (1, 75) and int(batch.support_y.max()) == 4
+    assert build_learner(cfg, torch.float32, torch.device("cpu")).outer.ways == 60  # the largest episode
+    plain = load_config(["preset=maml_omniglot_5w1s", "task.val_queries=3", "data.dataset=synthetic"])
+    assert build_sampler(plain, "val", torch.device("cpu")).queries == 3  # any algorithm: queries only
+    with pytest.raises(ConfigError, match="task.val_ways=10 differs from task.ways=5"):
+        load_config(["preset=maml_omniglot_5w1s", "task.val_ways=10"])  # MAML adapts a 5-way head
 
 
 # ---- ProtoNets with running statistics against a hand-written nn.BatchNorm2d ProtoNet ------------------------------

@@ -125,4 +125,4 @@ def check_config(cfg: Any) -> None:
 
 def build(cfg: Any, model: nn.Module, rule: InnerRule | None) -> MetaLearner:
     """``algorithm=protonets``'s learner (the rule is not used)."""
-    return ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or 0))
+    return ProtoNet(model, ways=max(cfg.task.ways, cfg.task.train_ways or 0, cfg.task.val_ways or 0))

@@ -58,6 +58,11 @@ class TaskConfig:
     test_queries: int | None = None  # per class at test time; null: same as queries
     train_ways: int | None = None  # ways of training episodes (ProtoNets' 60-way training); null: same as ways
     train_shots: int | None = None  # shots per class in training episodes; null: same as shots
+    # validation episodes: ways (protonets only: the MAML family adapts an N-way head) and queries per class; null:
+    # ways and queries (ProtoNets validates on --data.test_way 5 -way episodes with --data.test_query 15 queries,
+    # prototypical-networks protonets/data/omniglot.py L87-100)
+    val_ways: int | None = None
+    val_queries: int | None = None
 
 
 @dataclass
@@ -403,7 +408,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.early_stop_patience is not None and cfg.train.early_stop_patience < 0:
         raise ConfigError(f"train.early_stop_patience must be >= 0 (or null: no early stopping), got "
                           f"{cfg.train.early_stop_patience}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size"):
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "task.val_ways", "task.val_queries",
+                "inner.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
