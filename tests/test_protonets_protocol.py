@@ -109,6 +109,25 @@ def test_validation_episodes_take_val_ways_and_val_queries() -> None:
         load_config(["preset=maml_omniglot_5w1s", "task.val_ways=10"])  # MAML adapts a 5-way head
 
 
+def test_pytorch04_init_draws_what_pytorch_0_4_reset_parameters_drew() -> None:
+    model = build_model("conv4_maxpool", WAYS, norm_stats="running", init="pytorch04",
+                        generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws by hand, layer by layer in module order
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            bound = 1 / math.sqrt(module.weight[0].numel())  # 0.4's _ConvNd / Linear: stdv = 1 / sqrt(fan_in)
+            expected = torch.empty_like(module.weight).uniform_(-bound, bound, generator=g)
+            torch.testing.assert_close(module.weight, expected, rtol=0, atol=0)
+            torch.testing.assert_close(module.bias, torch.empty_like(module.bias).uniform_(-bound, bound, generator=g),
+                                       rtol=0, atol=0)
+            assert module.weight.abs().max() <= bound and module.weight.abs().max() > 0.9 * bound
+        elif isinstance(module, TaskBatchNorm):  # 0.4's _BatchNorm: weight.uniform_() (U(0, 1)), bias zero
+            torch.testing.assert_close(module.weight, torch.empty(64).uniform_(generator=g), rtol=0, atol=0)
+            assert torch.equal(module.bias, torch.zeros(64)) and 0 <= module.weight.min() < module.weight.max() < 1
+    xavier = build_model("conv4_maxpool", WAYS, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(xavier.features[0].norm.weight, torch.ones(64))  # the default scheme is unchanged
+
+
 # ---- ProtoNets with running statistics against a hand-written nn.BatchNorm2d ProtoNet ------------------------------
 
 

@@ -149,7 +149,7 @@ class MLP(nn.Module):
         return self.head(self.embed(x))
 
 
-INIT_SCHEMES = ("xavier", "maml")
+INIT_SCHEMES = ("xavier", "maml", "pytorch04")
 
 
 @torch.no_grad()
@@ -162,14 +162,23 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavi
     output weights from ``tf.random_normal``, standard deviation 1 (maml.py:L206); the MLP
     (``construct_fc_weights``, maml.py:L168-L177) draws every weight, the output's too, from
     ``tf.truncated_normal(stddev=0.01)``, a normal cut at two standard deviations. Biases are zero in both
-    (``tf.zeros``). Deterministic given the generator, and no global RNG is touched.
+    (``tf.zeros``). ``pytorch04``: PyTorch 0.4's (and earlier) default ``reset_parameters``, which ProtoNets'
+    code ran (jakesnell/prototypical-networks README L20, protonets/models/few_shot.py L70-71 with the layers'
+    defaults): conv and linear weights and biases uniform in ``+-1/sqrt(fan_in)``, batch-norm scales uniform in
+    ``[0, 1)`` (``_BatchNorm.reset_parameters``' ``weight.data.uniform_()``, replaced by ones in PyTorch 1.2) and
+    shifts zero. Deterministic given the generator, and no global RNG is touched.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")
     mlp = isinstance(model, MLP)
     head = getattr(model, "head", None)
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and scheme == "pytorch04":
+            bound = 1.0 / module.weight[0].numel() ** 0.5  # 1 / sqrt(fan_in)
+            module.weight.uniform_(-bound, bound, generator=generator)
+            if module.bias is not None:
+                module.bias.uniform_(-bound, bound, generator=generator)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
             if scheme == "xavier" or (isinstance(module, nn.Conv2d) and not mlp):
                 nn.init.xavier_uniform_(module.weight, generator=generator)
             elif mlp:
@@ -182,7 +191,9 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavi
             if module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, (nn.GroupNorm, TaskBatchNorm)):
-            if module.weight is not None:
+            if module.weight is not None and scheme == "pytorch04" and isinstance(module, TaskBatchNorm):
+                module.weight.uniform_(0.0, 1.0, generator=generator)
+            elif module.weight is not None:
                 module.weight.fill_(1.0)
             if module.bias is not None:
                 module.bias.zero_()

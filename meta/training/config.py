@@ -74,7 +74,8 @@ class ModelConfig:
     norm_affine: str = "gamma_beta"
     norm_eps: float = 1e-5  # epsilon of task_bn and group (tf.contrib.layers.batch_norm, MAML's: 1e-3)
     # weight init, drawn from the seed's generator: xavier (Glorot-uniform conv and linear weights) | maml
-    # (cbfinn/maml: conv Glorot-uniform and output weights normal with std 1; MLP truncated normal, std 0.01)
+    # (cbfinn/maml: conv Glorot-uniform and output weights normal with std 1; MLP truncated normal, std 0.01) |
+    # pytorch04 (PyTorch <= 0.4's defaults, ProtoNets' code: weights and biases U(+-1/sqrt(fan_in)), BN scale U(0, 1))
     init: str = "xavier"
     # what conv4's head reads: mean (the spatial mean of the last 64 feature maps: cbfinn/maml maml.py forward_conv
     # reduce_mean) | flatten (all 2x2x64 = 256 values at 28 pixels: supervised-reptile models.py L24). conv4 only
@@ -227,7 +228,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
     "model.norm_affine": ("gamma_beta", "beta", "none"),
-    "model.init": ("xavier", "maml"),
+    "model.init": ("xavier", "maml", "pytorch04"),
     "model.conv4_head": ("mean", "flatten"),
     "model.norm_stats": ("batch", "running"),
     "inner.loss_reduction": ("mean", "sum_over_shots"),
