@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
 from meta.algorithms import ProtoNet
@@ -25,7 +26,7 @@ from meta.training.builders import build_learner, build_sampler
 from meta.training.config import ConfigError, load_config
 from meta.training.distributed import DistContext, check_distributable
 from meta.training.run_log import early_stop_start, early_stop_update, load_checkpoint
-from meta.training.tables import retrain_iterations
+from meta.training.tables import load_table, retrain_args, retrain_iterations, run_status
 
 REPO = Path(__file__).resolve().parents[1]
 WAYS, SHOTS, QUERIES = 5, 2, 3
@@ -289,6 +290,41 @@ def test_checkpoints_best_and_resume_keep_the_running_statistics(tmp_path: Path)
 # ---- the table runner's two-stage cells --------------------------------------------------------------------------
 
 
+def test_two_stage_protocol_label_judges_both_stages(tmp_path: Path) -> None:
+    cell = load_table(REPO / "experiments" / "tables" / "protonets_omniglot.yaml").cells[0]
+    first, run = tmp_path / "seed0_stage1", tmp_path / "seed0"
+
+    def write(folder: Path, overrides: list[str], results: dict) -> None:
+        folder.mkdir(exist_ok=True)
+        cfg = load_config([f"preset={cell.preset}", *overrides])
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (folder / "results.json").write_text(json.dumps(results))
+
+    def stage1(overrides: list[str], stopped: bool, trained: int) -> None:
+        write(first, overrides, {"early_stop": {"best_loss": 0.1, "best_step": 3000, "wait": 201, "stopped": stopped,
+                                                "patience": 200, "steps_trained": trained}})
+
+    def stage2(iterations: int, *extra: str) -> None:
+        write(run, [*cell.retrain, f"train.iterations={iterations}", "train.early_stop_patience=null",
+                    f"train.val_every={iterations}", *extra], {})
+
+    stage1([], True, 23100)
+    assert retrain_args(cell, first)[-3:] == ["train.iterations=22900", "train.early_stop_patience=null",
+                                              "train.val_every=22900"]  # (29 + 200) epochs of 100
+    stage2(22900)
+    assert run_status(cell, run)["label"] == "as published"
+    stage1(["train.iterations=30000"], True, 23100)  # a cap that early stopping never reached
+    assert run_status(cell, run)["label"] == "as published"
+    stage1(["train.iterations=3000"], False, 3000)  # the cap ended stage 1
+    assert run_status(cell, run)["label"] == "reduced schedule (3000 of 1000000 iterations)"
+    stage1([], True, 23100)
+    stage2(5000)  # a retraining shorter than stage 1 gives
+    assert run_status(cell, run)["label"] == ("deviates: train.val_every=5000 (preset: 22900); retraining "
+                                              "train.iterations=5000 (stage 1 gives 22900)")
+    stage2(22900, "task.val_queries=5")  # and any other key of either stage
+    assert run_status(cell, run)["label"] == "deviates: task.val_queries=5 (preset: 15)"
+
+
 @pytest.mark.slow  # CLI runs in subprocesses
 def test_two_stage_cell_end_to_end_on_synthetic_data_with_a_resume(tmp_path: Path) -> None:
     spec = tmp_path / "tiny.yaml"
@@ -321,7 +357,7 @@ def test_two_stage_cell_end_to_end_on_synthetic_data_with_a_resume(tmp_path: Pat
     # the retraining's keys are the protocol, not deviations; the synthetic data and the short schedule are
     assert "data.protocol" not in row["protocol"] and "eval.checkpoint" not in row["protocol"]
     assert "data.dataset=synthetic (preset: omniglot)" in row["protocol"]
-    assert row["protocol"].endswith("reduced schedule (40 of 1000000 iterations)")
+    assert "reduced schedule" not in row["protocol"]  # stage 1 stopped early, before the --iterations cap mattered
 
     (second / "results.json").unlink()  # stage 2 interrupted before its test: the rerun skips stage 1, resumes it
     again = run_script("reproduce.py", *args)

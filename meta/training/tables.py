@@ -288,17 +288,25 @@ def _label(deviations: list[str], schedule: str | None) -> str:
 
 def run_status(cell: Cell, run_dir: Path) -> dict[str, Any]:
     """:func:`protocol_status` of a finished run of ``cell``. A two-stage cell's run is judged by both stages:
-    stage 1 against the preset (its schedule gives the label's), stage 2 against the preset with the
-    retraining's keys (:func:`retrain_args`); the deviations of both, each once."""
+    stage 1 against the preset (its schedule gives the label's, unless early stopping ended it before a reduced
+    ``train.iterations`` mattered: a ``constant`` or ``step`` meta-lr schedule does not depend on it), stage 2
+    against the preset with the retraining's keys (:func:`retrain_args`); the deviations of both, each once."""
     config = OmegaConf.load(run_dir / "config.yaml")
     if not cell.retrain:
         return protocol_status(cell.preset, config, cell.deviations)
     first = stage1_dir(run_dir)
     one = protocol_status(cell.preset, OmegaConf.load(first / "config.yaml"), cell.deviations)
     two = protocol_status(cell.preset, config, (), expected=retrain_args(cell, first))
-    deviations = one["deviations"] + [d for d in two["deviations"] if d not in one["deviations"]]
+    deviations = one["deviations"] + [d for d in two["deviations"]
+                                      if d not in one["deviations"] and not d.startswith("train.iterations=")]
+    if two["iterations"] != two["preset_iterations"]:
+        deviations.append(f"retraining train.iterations={two['iterations']} (stage 1 gives "
+                          f"{two['preset_iterations']})")
     stage1 = json.loads((first / "results.json").read_text())["early_stop"]
-    return {**one, "label": _label(deviations, one["schedule"]), "deviations": deviations,
+    schedule = one["schedule"]
+    if stage1["stopped"] and OmegaConf.load(first / "config.yaml").train.lr_schedule in ("constant", "step"):
+        schedule = None  # early stopping ended stage 1 before its (reduced) cap: the cap changed nothing
+    return {**one, "label": _label(deviations, schedule), "deviations": deviations, "schedule": schedule,
             "stage1": {"best_step": stage1["best_step"], "steps_trained": stage1["steps_trained"],
                        "stopped_early": stage1["stopped"], "retrain_iterations": config.train.iterations}}
 
