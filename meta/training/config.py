@@ -58,10 +58,10 @@ class TaskConfig:
     test_queries: int | None = None  # per class at test time; null: same as queries
     train_ways: int | None = None  # ways of training episodes (ProtoNets' 60-way training); null: same as ways
     train_shots: int | None = None  # shots per class in training episodes; null: same as shots
-    # validation episodes: ways (protonets only: the MAML family adapts an N-way head) and queries per class; null:
-    # ways and queries (ProtoNets validates on --data.test_way 5 -way episodes with --data.test_query 15 queries,
-    # prototypical-networks protonets/data/omniglot.py L87-100)
+    # ways of validation episodes; null: same as ways. protonets only (the MAML family adapts an N-way head).
+    # ProtoNets validates on --data.test_way 5 (prototypical-networks protonets/data/omniglot.py L87-100)
     val_ways: int | None = None
+    # queries per class in validation episodes; null: same as queries (ProtoNets: --data.test_query 15)
     val_queries: int | None = None
 
 
@@ -131,8 +131,8 @@ class TrainConfig:
     val_every: int = 500  # iterations between validations
     val_tasks: int = 200  # validation tasks each time
     checkpoint_every: int = 1000  # iterations between checkpoints
-    # stop when this many validations in a row after the best (lowest) validation loss did not improve on it, plus
-    # one (jakesnell/prototypical-networks scripts/train/few_shot/train.py L98-114: wait > patience); results.json
+    # stop once more than this many validations in a row have not lowered the best validation loss
+    # (jakesnell/prototypical-networks scripts/train/few_shot/train.py L98-114: wait > patience); results.json
     # records the best step. null: train all iterations
     early_stop_patience: int | None = None
 
