@@ -355,8 +355,8 @@ class MetaLearner(nn.Module):
         return drivers_of(self.outer.kind, tuple(self.outer.refused))
 
     def supported_drivers(self) -> tuple[str, ...]:
-        """The driver names this learner accepts: its drivers and ``auto``."""
-        return (*self.drivers(), "auto")
+        """The driver names this learner accepts: its drivers and ``auto`` (unless its strategy refuses it)."""
+        return (*self.drivers(), *(() if "auto" in self.outer.refused else ("auto",)))
 
     def functional_state(self) -> tuple[Params, Params, Params]:
         """``(params, rule_params, buffers)`` as name -> tensor dicts."""

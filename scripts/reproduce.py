@@ -9,6 +9,9 @@ Every run goes through scripts/train_maml.py (the same training code) into <out>
 with results.json is skipped, a run folder without it is continued with resume=true, a missing one is started.
 --minutes M times a short probe run per cell and picks the iterations that train for about M minutes (validation
 and test not counted); the number is kept in <out>/plan.json, printed, and written into the table.
+A two-stage cell (retrain: in its spec, ProtoNets' run_trainval.py) trains stage 1 with early stopping into
+<out>/<cell>/seed<k>_stage1, then retrains from scratch with its retrain keys for the iterations stage 1's best
+validation gives into <out>/<cell>/seed<k>, the run that is tested and tabulated; each stage is skipped when done.
 Outputs in <out> (default runs/tables/<table>): table.md, table.json, table.png.
 --collect FOLDER... trains nothing: it tabulates the finished runs that earlier runner calls left in those output
 folders (their <cell>/seed<k>/). --readme FILE also writes the table rows into FILE between the lines
@@ -41,8 +44,10 @@ from meta.training.tables import (
     plot_table,
     readme_block,
     replace_block,
+    retrain_args,
     run_action,
     select_cells,
+    stage1_dir,
     train_command,
 )
 
@@ -160,12 +165,22 @@ for cell in cells:
     print(f"cell {cell.name}: {rate:.2f} it/s in the probe -> {count} iterations for {args.minutes:g} minutes "
           f"(repeat with --only {cell.name} --iterations {count})")
 
-# ---- training: every cell and seed --------------------------------------------------------------
+# ---- training: every cell and seed (a two-stage cell: stage 1 with early stopping, then its retraining) ---------
 for cell in cells:
     schedule_args = [] if iterations[cell.name] is None else [f"train.iterations={iterations[cell.name]}"]
     for seed in range(args.seeds):
-        train([f"preset={cell.preset}", *cell.overrides, *overrides, *schedule_args, f"seed={seed}"],
-              out / cell.name / f"seed{seed}")
+        run_dir, base = out / cell.name / f"seed{seed}", [f"preset={cell.preset}", *cell.overrides, *overrides]
+        if not cell.retrain:
+            train([*base, *schedule_args, f"seed={seed}"], run_dir)
+            continue
+        first = stage1_dir(run_dir)  # stage 1: the preset with early stopping on the validation loss
+        train([*base, *schedule_args, f"seed={seed}"], first)
+        try:
+            stage2 = retrain_args(cell, first)
+        except ValueError as error:
+            sys.exit(f"table error: cell {cell.name}: {error}")
+        print(f"cell {cell.name} seed {seed}: stage 2 retrains with {' '.join(stage2)}", flush=True)
+        train([*base, *stage2, f"seed={seed}"], run_dir)  # stage 2, tested: from scratch on the retraining's data
 
 # ---- the table ------------------------------------------------------------------------------------
 rows = [aggregate_cell(cell, [out / cell.name / f"seed{seed}" for seed in range(args.seeds)]) for cell in cells]

@@ -58,6 +58,8 @@ from meta.training.run_log import (
     atomic_write_text,
     check_out_dir,
     device_name,
+    early_stop_start,
+    early_stop_update,
     existing_run_files,
     load_checkpoint,
     load_learner_state,
@@ -207,6 +209,7 @@ generator = torch.Generator().manual_seed(cfg.seed)  # the only source of traini
 step, best, window = 0, {"accuracy": -1.0, "step": 0}, {"loss": 0.0, "accuracy": 0.0, "count": 0}
 top: list[dict] = []  # eval.checkpoint=ensemble: the eval.ensemble_size best validations, best first
 train_seconds = 0.0
+early_stop = early_stop_start()  # train.early_stop_patience: the best validation loss, its step, the wait
 
 if resumed_state is not None:
     state = resumed_state
@@ -216,6 +219,7 @@ if resumed_state is not None:
         generator.set_state(state["generator"])
         step, best, window, train_seconds = state["step"], state["best"], state["window"], state["train_seconds"]
         top = state.get("top", [])
+        early_stop = state.get("early_stop", early_stop)  # (absent from checkpoints written before the key)
         if dist_ctx.is_main:
             metrics.truncate_after(step)  # also drops a half-written last line
             prune_top_checkpoints(out_dir, top)  # top files written after the checkpoint: those steps run again
@@ -243,6 +247,7 @@ def checkpoint() -> None:
         "generator": generator.get_state(), "step": step, "best": best,
         "window": {"loss": float(window["loss"]), "accuracy": float(window["accuracy"]), "count": window["count"]},
         "train_seconds": train_seconds, "auto_choices": learner.auto_driver.choices, "top": top,
+        "early_stop": early_stop,
     })
     prune_top_checkpoints(out_dir, top)  # only now: until it is saved, a resume goes back to the files it lists
 
@@ -303,7 +308,7 @@ first_bad_step = torch.tensor(math.inf, device=device)  # the first step with a 
 if resumed_state is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
     checkpoint()
 signal.signal(signal.SIGINT, request_stop)
-while step < cfg.train.iterations and not stop_requested:
+while step < cfg.train.iterations and not stop_requested and not early_stop["stopped"]:
     for group in optimizer.param_groups:  # the meta learning rate of this step (train.lr_schedule)
         if torch.is_tensor(group["lr"]):  # train.cuda_graph: the captured step reads this tensor, set it in place
             group["lr"].fill_(meta_lrs[step])
@@ -355,9 +360,14 @@ while step < cfg.train.iterations and not stop_requested:
                 save_checkpoint(top_checkpoint_path(out_dir, step), saved)
         bar.write(f"step {step}: val accuracy {val['accuracy']:.2f} ± {val['ci95']:.2f}% "
                   f"(best {best['accuracy']:.2f})")
+        if cfg.train.early_stop_patience is not None:
+            early_stop = early_stop_update(early_stop, val["loss"], step, cfg.train.early_stop_patience)
+            if early_stop["stopped"]:
+                bar.write(f"early stop at step {step}: no lower validation loss than {early_stop['best_loss']:.6f} "
+                          f"(step {early_stop['best_step']}) for {early_stop['wait']} validations")
         tick = time.perf_counter()
 
-    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations:
+    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.iterations or early_stop["stopped"]:
         checkpoint()
 if stop_requested:
     checkpoint()
@@ -396,6 +406,8 @@ results = {
     "train_wall_time_s": train_seconds, "test_wall_time_s": time.perf_counter() - start,
     "command": " ".join(["python", *sys.argv]), "processes": dist_ctx.world,
 }
+if cfg.train.early_stop_patience is not None:  # the best validation loss and its step (the retraining's length)
+    results["early_stop"] = {**early_stop, "patience": cfg.train.early_stop_patience, "steps_trained": step}
 atomic_write_text(out_dir / "results.json", to_json(results, indent=2))
 metrics.close()
 plot_curves(metrics.read(), out_dir / "curves.png", title=f"{cfg.preset} (seed {cfg.seed})",

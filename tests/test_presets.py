@@ -26,8 +26,15 @@ INTENDED_CHANGES = {
     "mamlpp_omniglot_5w1s": {"train.meta_batch": 8, "train.iterations": 50000, "mamlpp.msl_iterations": 5000,
                              "mamlpp.first_order_iterations": 0, "train.val_tasks": 600,
                              "eval.checkpoint": "ensemble"},
-    # jakesnell/prototypical-networks: 15 query examples per class at test time
-    "protonets_omniglot_5w1s": {"task.test_queries": 15},
+    # jakesnell/prototypical-networks: 15 query examples per class at test time; nn.BatchNorm2d's running statistics,
+    # used in eval mode at test (few_shot.py L71, eval.py L16), updated in place: loop_autograd; run_train.py
+    # L46/L26 10,000 epochs of 100 episodes, each followed by a validation on 100 episodes (L28, train.py L78-89)
+    # with early stopping, patience 200 (L57, train.py L98-114), on 5-way episodes with 15 queries (L20, L24);
+    # PyTorch 0.4's default initialization (README L20)
+    "protonets_omniglot_5w1s": {"task.test_queries": 15, "model.norm_stats": "running", "driver": "loop_autograd",
+                                "train.iterations": 1000000, "train.val_every": 100, "train.val_tasks": 100,
+                                "train.early_stop_patience": 200, "task.val_ways": 5, "task.val_queries": 15,
+                                "model.init": "pytorch04"},
     # openai/supervised-reptile: 10,000 test tasks, batch norm eps 1e-3; the paper's +- is not a stated 95% CI
     "reptile_omniglot_5w1s": {"eval.tasks": 10000, "model.norm_eps": 0.001, "reference.ci95": None},
     # aravindr93/imaml_dev @6a2a669: omniglot_implicit_maml.py L107-112 (adapt without the proximal term, then the

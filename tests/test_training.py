@@ -186,7 +186,7 @@ def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     generator = torch.Generator().manual_seed(0)
     shapes = {split: [tuple(t.shape[:2]) for t in sampler.sample(2, generator)] for split, sampler in samplers.items()}
     assert shapes["train"] == [(2, 24), (2, 24), (2, 36), (2, 36)]  # 12-way 2-shot, 3 queries per class
-    assert shapes["val"] == [(2, 5), (2, 5), (2, 15), (2, 15)]  # 5-way 1-shot, as at test time
+    assert shapes["val"] == [(2, 5), (2, 5), (2, 75), (2, 75)]  # 5-way 1-shot, the preset's 15 validation queries
     assert shapes["test"] == [(2, 5), (2, 5), (2, 20), (2, 20)]
     # a ProtoNets run trains on 12-way episodes and is evaluated on 5-way ones
     out = tmp_path / "run"

@@ -12,11 +12,16 @@ from meta.rules.base import InnerRule
 
 
 def check_adapted_head(cfg: Any) -> None:
-    """An algorithm that adapts an N-way linear head trains on N ways: refuse another ``task.train_ways``."""
+    """An algorithm that adapts an N-way linear head trains and validates on N ways: refuse another
+    ``task.train_ways`` or ``task.val_ways``."""
     if cfg.task.train_ways not in (None, cfg.task.ways):
         raise ValueError(f"task.train_ways={cfg.task.train_ways} differs from task.ways={cfg.task.ways}, but "
                          f"algorithm={cfg.algorithm} adapts a {cfg.task.ways}-way linear head, which fixes the ways; "
                          f"only protonets (no head) can train on other ways")
+    if cfg.task.val_ways not in (None, cfg.task.ways):
+        raise ValueError(f"task.val_ways={cfg.task.val_ways} differs from task.ways={cfg.task.ways}, but "
+                         f"algorithm={cfg.algorithm} adapts a {cfg.task.ways}-way linear head; only protonets (no "
+                         f"head) can validate on other ways")
 
 
 def check_no_inner_loop_knobs(cfg: Any) -> None:

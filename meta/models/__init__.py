@@ -8,6 +8,7 @@ from meta.models.networks import (
     INIT_SCHEMES,
     MLP,
     NORM_AFFINES,
+    NORM_STATS,
     Conv4,
     Params,
     TaskBatchNorm,
@@ -38,17 +39,19 @@ def build_model(
     norm_affine: str = "gamma_beta",
     init: str = "xavier",
     conv4_head: str = "mean",
+    norm_stats: str = "batch",
 ) -> nn.Module:
     """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
 
     ``conv4_head`` is what ``conv4``'s head reads: ``mean`` (the spatial mean of its 64 features, MAML) or
     ``flatten`` (all 2x2x64 = 256 at 28 pixels, Reptile); the other models take only the default.
 
-    ``norm_eps`` and ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) shape the norm layers. With a
+    ``norm_eps``, ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) and ``norm_stats`` (``batch``, or
+    ``running``: nn.BatchNorm2d's running statistics, used in eval mode) shape the norm layers. With a
     ``generator`` the weights are drawn from it by the ``init`` scheme (:func:`initialize`: ``xavier`` or
     ``maml``); without one, PyTorch's default initialization draws from the global RNG.
     """
-    options = {"eps": norm_eps, "affine": norm_affine}
+    options = {"eps": norm_eps, "affine": norm_affine, "stats": norm_stats}
     if name != "conv4" and conv4_head != "mean":
         raise ValueError(f"conv4_head={conv4_head!r} applies to the conv4 model only, not {name!r}")
     if name == "conv4":
@@ -68,6 +71,7 @@ __all__ = [
     "CONV_IMPLS",
     "INIT_SCHEMES",
     "NORM_AFFINES",
+    "NORM_STATS",
     "norm_parameters_of",
     "TaskConv2d",
     "set_conv_impl",

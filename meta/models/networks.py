@@ -80,8 +80,8 @@ def relative_error(a: Params, b: Params) -> float:
 # ``TaskBatchNorm`` is batch normalization with per-batch statistics. Under
 # ``vmap`` over tasks it is written from ``mean``/``var`` primitives, so each task
 # is normalized with its own statistics (transductive, as in MAML) and second-order
-# gradients are exact. It keeps no running statistics, so it has no buffers and
-# nothing is updated in place.
+# gradients are exact. By default it keeps no running statistics, so it has no buffers and
+# nothing is updated in place; ``stats="running"`` (ProtoNets) is nn.BatchNorm2d's behaviour, outside transforms.
 
 #: Fused norm layers whose second-order gradients are wrong under vmap on
 #: torch 2.14.1 (pytorch/functorch#534).
@@ -99,15 +99,23 @@ def under_vmap() -> bool:
 
 
 NORM_AFFINES = ("gamma_beta", "beta", "none")
+#: where TaskBatchNorm's statistics come from: ``batch`` (each batch's own, in training and evaluation alike) or
+#: ``running`` (nn.BatchNorm2d's: batch statistics in training mode, which also update running averages; the
+#: running averages in eval mode)
+NORM_STATS = ("batch", "running")
 
 
 class TaskBatchNorm(nn.Module):
     """Batch norm over every dimension but the channel one (dim 1), with a learnable affine.
 
-    Statistics come from the current batch (one task's support or query set);
-    there are no running statistics. ``affine`` picks the learnable tensors: ``gamma_beta`` (``weight`` and
-    ``bias``, PyTorch's default), ``beta`` (``bias`` only: ``tf.contrib.layers.batch_norm``'s default
-    ``scale=False, center=True``, MAML's) or ``none``.
+    With ``stats="batch"`` (the default) statistics come from the current batch (one task's support or query set),
+    in any mode; there are no running statistics and no buffers. With ``stats="running"`` the layer is
+    ``nn.BatchNorm2d`` (ProtoNets' encoder, jakesnell/prototypical-networks protonets/models/few_shot.py L71): in
+    training mode it normalizes with the batch statistics and updates ``running_mean``/``running_var`` (momentum
+    ``momentum``, unbiased variance) and ``num_batches_tracked`` in place; in eval mode (``model.eval()``) it
+    normalizes with the running statistics (non-transductive). ``affine`` picks the learnable tensors:
+    ``gamma_beta`` (``weight`` and ``bias``, PyTorch's default), ``beta`` (``bias`` only:
+    ``tf.contrib.layers.batch_norm``'s default ``scale=False, center=True``, MAML's) or ``none``.
 
     Two implementations of the same math: under ``vmap`` (and on non-CPU devices) the ``mean``/``var``
     primitives, because the fused kernel's second-order gradients are wrong under vmap (pytorch/functorch#534);
@@ -117,17 +125,58 @@ class TaskBatchNorm(nn.Module):
 
     use_fused_kernel: bool = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: str = "gamma_beta") -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, affine: str = "gamma_beta", stats: str = "batch",
+        momentum: float = 0.1,
+    ) -> None:
         super().__init__()
         if affine not in NORM_AFFINES:
             raise ValueError(f"unknown norm affine {affine!r}; choose one of {NORM_AFFINES}")
+        if stats not in NORM_STATS:
+            raise ValueError(f"unknown norm stats {stats!r}; choose one of {NORM_STATS}")
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
+        self.stats = stats
+        self.momentum = momentum
         self.weight = nn.Parameter(torch.ones(num_features)) if affine == "gamma_beta" else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine != "none" else None
+        if stats == "running":  # nn.BatchNorm2d's buffers, names and initial values
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats == "running":
+            if not self.training:
+                return self._normalize_with_running_stats(x)
+            self._update_running_stats(x)
+        return self._normalize_with_batch_stats(x)
+
+    def _update_running_stats(self, x: torch.Tensor) -> None:
+        """nn.BatchNorm2d's training-mode update, in place: ``running = (1 - momentum) * running + momentum * batch``
+        with the unbiased batch variance. In place, so it is refused under torch.func transforms (vmap, grad): train
+        with plain autograd, one task after another (the ``loop_autograd`` driver)."""
+        stack = _functorch.get_interpreter_stack()
+        if stack:
+            raise RuntimeError("TaskBatchNorm(stats='running') updates its running statistics in place on every "
+                               "training forward, which torch.func transforms cannot do: use driver=loop_autograd "
+                               "(or put the model in eval mode)")
+        dims = [0, *range(2, x.dim())]
+        with torch.no_grad():
+            self.running_mean.lerp_(x.mean(dim=dims).to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(x.var(dim=dims, unbiased=True).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+
+    def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode with ``stats='running'``: nn.BatchNorm2d.eval()'s normalization (non-transductive)."""
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        out = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        return out if self.bias is None else out + self.bias.view(shape)
+
+    def _normalize_with_batch_stats(self, x: torch.Tensor) -> torch.Tensor:
         fused_ok = x.device.type == "cpu" and x.numel() > x.shape[1]  # the kernel refuses one value per channel
         # under_vmap() reads functorch's transform stack, state that no argument shows. It must exist: a vmapped
         # call looks like a plain one from here, and the fused kernel's second-order gradients are wrong under
@@ -151,17 +200,22 @@ class TaskBatchNorm(nn.Module):
         return out if self.bias is None else out + self.bias.view(shape)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, stats={self.stats}"
 
 
 NORM_CHOICES = ("task_bn", "group", "none")
 
 
-def make_norm(kind: str, channels: int, groups: int = 8, *, eps: float = 1e-5, affine: str = "gamma_beta") -> nn.Module:
-    """Build a norm layer by name: ``task_bn``, ``group`` (GroupNorm) or ``none``. ``eps`` and ``affine``
-    (:data:`NORM_AFFINES`) apply to ``task_bn``; ``group`` takes ``eps`` and only the ``gamma_beta`` affine."""
+def make_norm(
+    kind: str, channels: int, groups: int = 8, *, eps: float = 1e-5, affine: str = "gamma_beta", stats: str = "batch"
+) -> nn.Module:
+    """Build a norm layer by name: ``task_bn``, ``group`` (GroupNorm) or ``none``. ``eps``, ``affine``
+    (:data:`NORM_AFFINES`) and ``stats`` (:data:`NORM_STATS`) apply to ``task_bn``; ``group`` takes ``eps`` and
+    only the ``gamma_beta`` affine and ``batch`` statistics."""
     if kind == "task_bn":
-        return TaskBatchNorm(channels, eps=eps, affine=affine)
+        return TaskBatchNorm(channels, eps=eps, affine=affine, stats=stats)
+    if stats != "batch":
+        raise ValueError(f"norm stats {stats!r} is only available for task_bn, not norm {kind!r}")
     if kind == "group":
         if channels % groups:
             raise ValueError(f"GroupNorm needs channels ({channels}) divisible by groups ({groups})")
@@ -335,7 +389,7 @@ class MLP(nn.Module):
         return self.head(self.embed(x))
 
 
-INIT_SCHEMES = ("xavier", "maml", "imaml")
+INIT_SCHEMES = ("xavier", "maml", "imaml", "pytorch04")
 
 
 @torch.no_grad()
@@ -350,7 +404,11 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavi
     ``tf.truncated_normal(stddev=0.01)``, a normal cut at two standard deviations. Biases are zero in both
     (``tf.zeros``). ``imaml``: aravindr93/imaml_dev's ``make_conv_network`` (implicit_maml/learner_model.py
     L222-228): conv and linear weights Glorot-uniform with gain 1.73, biases uniform on [0, 0.05].
-    Deterministic given the generator, and no global RNG is touched.
+    ``pytorch04``: PyTorch 0.4's (and earlier) default ``reset_parameters``, which ProtoNets'
+    code ran (jakesnell/prototypical-networks README L20, protonets/models/few_shot.py L70-71 with the layers'
+    defaults): conv and linear weights and biases uniform in ``+-1/sqrt(fan_in)``, batch-norm scales uniform in
+    ``[0, 1)`` (``_BatchNorm.reset_parameters``' ``weight.data.uniform_()``, replaced by ones in PyTorch 1.2) and
+    shifts zero. Deterministic given the generator, and no global RNG is touched.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")
@@ -361,6 +419,11 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavi
             nn.init.xavier_uniform_(module.weight, gain=1.73, generator=generator)
             if module.bias is not None:
                 nn.init.uniform_(module.bias, 0.0, 0.05, generator=generator)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)) and scheme == "pytorch04":
+            bound = 1.0 / module.weight[0].numel() ** 0.5  # 1 / sqrt(fan_in)
+            module.weight.uniform_(-bound, bound, generator=generator)
+            if module.bias is not None:
+                module.bias.uniform_(-bound, bound, generator=generator)
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             if scheme == "xavier" or (isinstance(module, nn.Conv2d) and not mlp):
                 nn.init.xavier_uniform_(module.weight, generator=generator)
@@ -374,7 +437,9 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "xavi
             if module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, (nn.GroupNorm, TaskBatchNorm)):
-            if module.weight is not None:
+            if module.weight is not None and scheme == "pytorch04" and isinstance(module, TaskBatchNorm):
+                module.weight.uniform_(0.0, 1.0, generator=generator)
+            elif module.weight is not None:
                 module.weight.fill_(1.0)
             if module.bias is not None:
                 module.bias.zero_()

@@ -67,6 +67,8 @@ def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSamp
     ways, shots, queries = task.ways, task.shots, task.queries
     if split == "train":
         ways, shots = task.train_ways or ways, task.train_shots or shots
+    if split == "val":
+        ways, queries = task.val_ways or ways, task.val_queries or queries
     if split == "test":
         queries = task.test_queries or queries
     try:
@@ -104,6 +106,7 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
         norm_affine=cfg.model.norm_affine,
         init=cfg.model.init,
         conv4_head=cfg.model.conv4_head,
+        norm_stats=cfg.model.norm_stats,
     )
 
 

@@ -63,6 +63,11 @@ class TaskConfig:
     test_queries: int | None = None  # per class at test time; null: same as queries
     train_ways: int | None = None  # ways of training episodes (ProtoNets' 60-way training); null: same as ways
     train_shots: int | None = None  # shots per class in training episodes; null: same as shots
+    # ways of validation episodes; null: same as ways. protonets only (the MAML family adapts an N-way head).
+    # ProtoNets validates on --data.test_way 5 (prototypical-networks protonets/data/omniglot.py L87-100)
+    val_ways: int | None = None
+    # queries per class in validation episodes; null: same as queries (ProtoNets: --data.test_query 15)
+    val_queries: int | None = None
 
 
 @dataclass
@@ -76,10 +81,17 @@ class ModelConfig:
     # weight init, drawn from the seed's generator: xavier (Glorot-uniform conv and linear weights) | maml
     # (cbfinn/maml: conv Glorot-uniform and output weights normal with std 1; MLP truncated normal, std 0.01)
     # | imaml (aravindr93/imaml_dev: Glorot-uniform with gain 1.73, biases uniform on [0, 0.05])
+    # | pytorch04 (PyTorch <= 0.4's defaults, ProtoNets' code: weights and biases U(+-1/sqrt(fan_in)), BN scale U(0, 1))
     init: str = "xavier"
     # what conv4's head reads: mean (the spatial mean of the last 64 feature maps: cbfinn/maml maml.py forward_conv
     # reduce_mean) | flatten (all 2x2x64 = 256 values at 28 pixels: supervised-reptile models.py L24). conv4 only
     conv4_head: str = "mean"
+    # statistics of task_bn: batch (each batch's own, in training and at test: transductive, MAML) | running
+    # (nn.BatchNorm2d's: batch statistics in training, which update running averages with momentum 0.1 and the
+    # unbiased variance; validation and test normalize with the running averages: ProtoNets' model.eval(),
+    # jakesnell/prototypical-networks scripts/predict/few_shot/eval.py L16). running: algorithm=protonets and
+    # driver=loop_autograd only (the update is in place, task after task)
+    norm_stats: str = "batch"
 
 
 @dataclass
@@ -132,6 +144,10 @@ class TrainConfig:
     # weights once per epoch of total_iter_per_epoch=500: few_shot_learning_system.py L70-71, L83-103, L346);
     # null: every iteration
     epoch_iterations: int | None = None
+    # stop once more than this many validations in a row have not lowered the best validation loss
+    # (jakesnell/prototypical-networks scripts/train/few_shot/train.py L98-114: wait > patience); results.json
+    # records the best step. null: train all iterations
+    early_stop_patience: int | None = None
 
 
 @dataclass
@@ -238,8 +254,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
     "model.norm_affine": ("gamma_beta", "beta", "none"),
-    "model.init": ("xavier", "maml", "imaml"),
+    "model.init": ("xavier", "maml", "imaml", "pytorch04"),
     "model.conv4_head": ("mean", "flatten"),
+    "model.norm_stats": ("batch", "running"),
     "inner.loss_reduction": ("mean", "sum_over_shots"),
     "eval.checkpoint": ("best", "last", "ensemble"),
     "imaml.formulation": ("paper", "code"),
@@ -420,8 +437,11 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "inner.batch_size", "data.task_pool",
-                "train.epoch_iterations"):
+    if cfg.train.early_stop_patience is not None and cfg.train.early_stop_patience < 0:
+        raise ConfigError(f"train.early_stop_patience must be >= 0 (or null: no early stopping), got "
+                          f"{cfg.train.early_stop_patience}")
+    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "task.val_ways", "task.val_queries",
+                "inner.batch_size", "data.task_pool", "train.epoch_iterations"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
@@ -439,6 +459,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.norm_affine != "gamma_beta" and cfg.model.norm != "task_bn":
         raise ConfigError(f"model.norm_affine={cfg.model.norm_affine} needs model.norm=task_bn (got "
                           f"{cfg.model.norm}); set model.norm_affine=gamma_beta")
+    if cfg.model.norm_stats != "batch" and (cfg.model.norm != "task_bn" or cfg.algorithm != "protonets"):
+        raise ConfigError(f"model.norm_stats={cfg.model.norm_stats} needs model.norm=task_bn and algorithm=protonets "
+                          f"(got {cfg.model.norm}, {cfg.algorithm}): the other algorithms adapt under torch.func "
+                          f"transforms, which cannot update running statistics in place; set model.norm_stats=batch")
     if (cfg.inner.rule == "mamlpp" and cfg.inner.options.get("per_step_bn", True)
             and cfg.model.norm_affine != "gamma_beta"):
         raise ConfigError(f"inner.rule=mamlpp with per-step batch norm finds norm layers by their gamma; "

@@ -270,6 +270,10 @@ def check_distributable(cfg: Any, ctx: DistContext) -> str | None:
         return (f"train.meta_batch={cfg.train.meta_batch} is smaller than the {ctx.world} processes: some ranks "
                 f"would get no task; raise train.meta_batch or start at most {cfg.train.meta_batch} processes "
                 f"(--nproc_per_node)")
+    if cfg.model.norm_stats == "running":
+        return (f"model.norm_stats=running updates the running statistics from the training episodes one after "
+                f"another on one process; {ctx.world} ranks would each update theirs from their own share. Launch "
+                f"without torchrun")
     if cfg.train.cuda_graph:
         return (f"train.cuda_graph=true runs on one process only (its captured step has no collectives), not on "
                 f"{ctx.world}; set train.cuda_graph=false, or launch without torchrun")

@@ -32,7 +32,11 @@ IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", 
 IGNORED_PREFIXES = ("reference.",)
 #: --minutes: a short timed run per cell; its first log window (the auto driver's choice, warm-up) is dropped
 PROBE_ITERATIONS, PROBE_LOG_EVERY = 12, 4
-_CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires", "deviations"}
+_CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires", "deviations", "retrain"}
+#: what the runner adds to a two-stage cell's retraining (stage 2) besides the cell's ``retrain`` overrides: its
+#: iterations from stage 1 (:func:`retrain_iterations`), no early stopping, and one validation, at its end, for the
+#: log (ProtoNets' trainval run has no validation loader: prototypical-networks train.py L39-42)
+RETRAIN_KEYS = ("train.iterations", "train.early_stop_patience", "train.val_every")
 _MISSING = object()
 
 
@@ -54,6 +58,10 @@ class Cell:
     requires: dict[str, Any] = field(default_factory=dict)  # knobs the preset must pin, key: value
     # parts of the original protocol that no config key expresses yet, each a sentence naming the code it cites
     deviations: list[str] = field(default_factory=list)
+    # two-stage cells (ProtoNets' run_trainval.py): key=value of the retraining run, which trains from scratch for
+    # the number of iterations stage 1's early stopping gives (retrain_iterations) and is the one tested; empty:
+    # one stage
+    retrain: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,10 +96,14 @@ def load_table(path: Path | str) -> TableSpec:
             raise TableError(f"{where}: paper.pm must be given unless paper.pm_kind is none")
         if not {"paper", "table", "code"} <= set(item["source"] or {}):
             raise TableError(f"{where}: source needs paper, table and code")
-        overrides = list(item.get("overrides") or [])
-        bad = [o for o in overrides if "=" not in o]
+        overrides, retrain = list(item.get("overrides") or []), list(item.get("retrain") or [])
+        bad = [o for o in overrides + retrain if not isinstance(o, str) or "=" not in o]
         if bad:
-            raise TableError(f"{where}: overrides {bad} are not of the form key=value")
+            raise TableError(f"{where}: overrides and retrain {bad} are not of the form key=value")
+        runner_set = [o for o in retrain if o.split("=", 1)[0] in RETRAIN_KEYS]
+        if runner_set:
+            raise TableError(f"{where}: retrain sets {runner_set}, which the runner derives from stage 1 "
+                             f"({', '.join(RETRAIN_KEYS)}); leave them out")
         requires = dict(item.get("requires") or {})
         deviations = item.get("deviations") or []
         if not isinstance(deviations, list) or not all(isinstance(d, str) and d.strip() for d in deviations):
@@ -103,7 +115,7 @@ def load_table(path: Path | str) -> TableSpec:
         cells.append(Cell(name=str(item["name"]), preset=str(item["preset"]), paper_accuracy=float(paper["accuracy"]),
                           paper_pm=None if paper.get("pm") is None else float(paper["pm"]),
                           pm_kind=paper["pm_kind"], source=dict(item["source"]), overrides=overrides,
-                          requires=requires, deviations=list(deviations)))
+                          requires=requires, deviations=list(deviations), retrain=retrain))
     names = [c.name for c in cells]
     if not cells or len(set(names)) != len(names):
         raise TableError(f"{path}: cells must be a non-empty list with distinct names, got {names}")
@@ -149,9 +161,15 @@ def check_cells(spec: TableSpec, cells: list[Cell], extra: list[str]) -> None:
             raise TableError(f"table {spec.name}, cell {cell.name}: preset {cell.preset} does not pin what the "
                              f"table requires: {'; '.join(wrong)}")
         try:
-            load_config([f"preset={cell.preset}", *cell.overrides, *extra])
+            cfg = load_config([f"preset={cell.preset}", *cell.overrides, *extra])
+            if cell.retrain:
+                load_config([f"preset={cell.preset}", *cell.overrides, *extra, *cell.retrain])
         except ConfigError as error:
             raise TableError(f"table {spec.name}, cell {cell.name}: {error}") from None
+        if cell.retrain and cfg.train.early_stop_patience is None:
+            raise TableError(f"table {spec.name}, cell {cell.name}: a cell with retrain takes its retraining length "
+                             f"from stage 1's early stopping, but train.early_stop_patience is null; set it in the "
+                             f"preset {cell.preset}")
 
 
 def train_command(script: Path, nproc: int = 1) -> list[str]:
@@ -168,6 +186,43 @@ def run_action(run_dir: Path) -> str:
     if (run_dir / "results.json").is_file():
         return "skip"
     return "resume" if run_dir.exists() else "start"
+
+
+def stage1_dir(run_dir: Path) -> Path:
+    """Where a two-stage cell's stage 1 (training with early stopping) runs, next to ``run_dir`` (stage 2, the
+    tested run): ``<out>/<cell>/seed<k>_stage1``."""
+    return run_dir.with_name(f"{run_dir.name}_stage1")
+
+
+def retrain_iterations(best_step: int, patience: int, val_every: int) -> int:
+    """The iterations of ProtoNets' retraining on train+val after a stage-1 run with early stopping.
+
+    jakesnell/prototypical-networks scripts/train/few_shot/trainval.py L14 ``best_epoch = argmin`` of the
+    validation losses (one per epoch, counted from 0) and L25 ``train.epochs = best_epoch + patience``. One of our
+    validations (every ``val_every`` iterations, and at a run's last step) is one of its epochs: the best
+    validation at ``best_step`` is number ``ceil(best_step / val_every) - 1`` from 0, and the retraining trains
+    ``(that + patience) * val_every`` iterations."""
+    if best_step <= 0 or val_every <= 0 or patience < 0:
+        raise ValueError(f"stage 1 recorded no best validation (best_step={best_step}, val_every={val_every}, "
+                         f"patience={patience})")
+    iterations = (-(-best_step // val_every) - 1 + patience) * val_every
+    if iterations <= 0:
+        raise ValueError(f"stage 1's best validation loss was its first (step {best_step}) and patience is 0: the "
+                         f"original code would retrain for 0 epochs; use a positive train.early_stop_patience")
+    return iterations
+
+
+def retrain_args(cell: Cell, first: Path) -> list[str]:
+    """The key=value of a two-stage cell's stage 2 from its finished stage-1 run folder ``first``: the cell's
+    ``retrain`` and the :data:`RETRAIN_KEYS` (iterations from :func:`retrain_iterations`)."""
+    results = json.loads((first / "results.json").read_text())
+    record = results.get("early_stop")
+    if record is None:
+        raise ValueError(f"{first}/results.json has no early_stop record: stage 1 ran without "
+                         f"train.early_stop_patience")
+    val_every = OmegaConf.load(first / "config.yaml").train.val_every
+    n = retrain_iterations(record["best_step"], record["patience"], val_every)
+    return [*cell.retrain, f"train.iterations={n}", "train.early_stop_patience=null", f"train.val_every={n}"]
 
 
 def iterations_for_minutes(records: list[dict[str, Any]], minutes: float, cap: int) -> tuple[int, float]:
@@ -199,18 +254,21 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def protocol_status(preset: str, run_config: DictConfig, known: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def protocol_status(
+    preset: str, run_config: DictConfig, known: list[str] | tuple[str, ...] = (), expected: list[str] | None = None
+) -> dict[str, Any]:
     """How a run's resolved config departs from its preset: a label, the iterations, and every other changed key.
 
     Label ``as published`` (nothing but seed, device, paths and progress differs), ``reduced schedule (N of M
     iterations)`` (only fewer iterations), or ``deviates: key=value (preset: v); ...`` (anything else, with the
     schedule noted too). ``known``: the cell's deviations that no key expresses; they come first, marked ``(no
-    knob)``, and make the label ``deviates`` even when the run pinned everything its preset does.
+    knob)``, and make the label ``deviates`` even when the run pinned everything its preset does. ``expected``:
+    key=value the protocol applies on top of the preset (a two-stage cell's retraining), no deviation.
     """
     # a key the run's config lacks did not exist when it ran: it ran as that key's default (new keys default to
     # the earlier behaviour), so the structured defaults fill it in
     ours = _flat(OmegaConf.merge(OmegaConf.structured(Config), run_config))
-    theirs = _flat(load_config([f"preset={preset}"]))
+    theirs = _flat(load_config([f"preset={preset}", *(expected or [])]))
     keys = [k for k in sorted(set(ours) | set(theirs))
             if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "train.iterations"]
     deviations = [f"{d} (no knob)" for d in known]
@@ -221,11 +279,39 @@ def protocol_status(preset: str, run_config: DictConfig, known: list[str] | tupl
         schedule = f"reduced schedule ({iterations} of {planned} iterations)"
     elif iterations > planned:
         deviations.insert(len(known), f"train.iterations={iterations} (preset: {planned})")
+    return {"label": _label(deviations, schedule), "deviations": deviations, "schedule": schedule,
+            "iterations": iterations, "preset_iterations": planned}
+
+
+def _label(deviations: list[str], schedule: str | None) -> str:
     if deviations:
-        label = "deviates: " + "; ".join(deviations) + (f"; {schedule}" if schedule else "")
-    else:
-        label = schedule or "as published"
-    return {"label": label, "deviations": deviations, "iterations": iterations, "preset_iterations": planned}
+        return "deviates: " + "; ".join(deviations) + (f"; {schedule}" if schedule else "")
+    return schedule or "as published"
+
+
+def run_status(cell: Cell, run_dir: Path) -> dict[str, Any]:
+    """:func:`protocol_status` of a finished run of ``cell``. A two-stage cell's run is judged by both stages:
+    stage 1 against the preset (its schedule gives the label's, unless early stopping ended it before a reduced
+    ``train.iterations`` mattered: a ``constant`` or ``step`` meta-lr schedule does not depend on it), stage 2
+    against the preset with the retraining's keys (:func:`retrain_args`); the deviations of both, each once."""
+    config = OmegaConf.load(run_dir / "config.yaml")
+    if not cell.retrain:
+        return protocol_status(cell.preset, config, cell.deviations)
+    first = stage1_dir(run_dir)
+    one = protocol_status(cell.preset, OmegaConf.load(first / "config.yaml"), cell.deviations)
+    two = protocol_status(cell.preset, config, (), expected=retrain_args(cell, first))
+    deviations = one["deviations"] + [d for d in two["deviations"]
+                                      if d not in one["deviations"] and not d.startswith("train.iterations=")]
+    if two["iterations"] != two["preset_iterations"]:
+        deviations.append(f"retraining train.iterations={two['iterations']} (stage 1 gives "
+                          f"{two['preset_iterations']})")
+    stage1 = json.loads((first / "results.json").read_text())["early_stop"]
+    schedule = one["schedule"]
+    if stage1["stopped"] and OmegaConf.load(first / "config.yaml").train.lr_schedule in ("constant", "step"):
+        schedule = None  # early stopping ended stage 1 before its (reduced) cap: the cap changed nothing
+    return {**one, "label": _label(deviations, schedule), "deviations": deviations, "schedule": schedule,
+            "stage1": {"best_step": stage1["best_step"], "steps_trained": stage1["steps_trained"],
+                       "stopped_early": stage1["stopped"], "retrain_iterations": config.train.iterations}}
 
 
 def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
@@ -244,7 +330,7 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
         return {**row, "accuracy": None, "protocol": "not run", "within_paper": None}
     results = [json.loads((d / "results.json").read_text()) for d in done]
     configs = [OmegaConf.load(d / "config.yaml") for d in done]
-    statuses = [protocol_status(cell.preset, c, cell.deviations) for c in configs]
+    statuses = [run_status(cell, d) for d in done]
     accuracies = [r["test"]["accuracy"] for r in results]
     mean = sum(accuracies) / len(accuracies)
     std = (math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
@@ -256,7 +342,9 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
         "seeds": [{"seed": c.seed, "accuracy": r["test"]["accuracy"], "ci95": r["test"]["ci95"],
                    "tasks": r["test"]["tasks"],
                    "train_wall_time_s": r.get("train_wall_time_s"), "config_hash": r.get("config_hash"),
-                   "git_commit": r.get("git_commit"), "device": r.get("device")} for r, c in zip(results, configs)],
+                   "git_commit": r.get("git_commit"), "device": r.get("device"),
+                   **({"stage1": st["stage1"]} if "stage1" in st else {})}
+                  for r, c, st in zip(results, configs, statuses)],
         "ci95_mean": sum(r["test"]["ci95"] for r in results) / len(results),
         "iterations": sorted({s["iterations"] for s in statuses}),
         "preset_iterations": statuses[0]["preset_iterations"],
