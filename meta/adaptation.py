@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import grad
 
 from meta.models.functional import autograd_grads
-from meta.rules.base import InnerRule, apply_updates
+from meta.rules.base import InnerRule, State, apply_updates
 from meta.types import Params, Task
 
 Forward = Callable[[Params, Params, torch.Tensor], torch.Tensor]
@@ -19,7 +19,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: How the inner (support) loss reduces its per-example losses: ``mean``, or ``sum_over_shots``, the sum divided
 #: by the shots K, as cbfinn/maml's ``xent`` (utils.py:L56-L58 divides the per-example cross-entropy by
 #: ``update_batch_size``) under ``tf.gradients`` of that vector (maml.py:L90, L101), which sums it.
-INNER_LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+#: ``sum``: the sum over the batch, as openai/supervised-reptile's ``minimize`` of the per-example loss vector
+#: (models.py L27-30: ``sparse_softmax_cross_entropy_with_logits``, no mean), i.e. ``batch`` times the mean.
+INNER_LOSS_REDUCTIONS = ("mean", "sum_over_shots", "sum")
 
 
 def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> float:
@@ -31,6 +33,8 @@ def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> flo
         return 1.0
     if reduction == "sum_over_shots":
         return ways * batch / support
+    if reduction == "sum":
+        return float(batch)
     raise ValueError(f"unknown inner loss reduction {reduction!r}; choose one of {INNER_LOSS_REDUCTIONS}")
 
 
@@ -60,8 +64,9 @@ def adapt_steps(
     batch_size: int | None = None,
     reduction: str = "mean",
     autograd_inner: bool = False,
-) -> Iterator[Params]:
-    """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
+) -> Generator[Params, None, State]:
+    """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``; return the rule's final
+    state (the generator's return value: ``StopIteration.value``, or the value of ``yield from``).
 
     With ``rule.per_sample`` the rule gets per-sample gradients ``[n, *shape]``
     (``vmap(grad)`` over the samples, which nests inside a vmap over tasks). With ``batch_size``, each step
@@ -99,6 +104,7 @@ def adapt_steps(
         updates, state = rule.update(grads, state, fast, rule_params, i)
         fast = apply_updates(fast, updates)
         yield {k: fast.get(k, v) for k, v in params.items()}
+    return state
 
 
 def adapt(

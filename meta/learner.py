@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meta.adaptation import INNER_LOSS_REDUCTIONS, LossFn, task_loss
+from meta.adaptation import INNER_LOSS_REDUCTIONS, Forward, LossFn, task_loss
 from meta.drivers import VECTORIZED_DRIVERS, Driver, Problem, TaskBatchResult, TaskFn, drivers_of, vmap_forward
 from meta.drivers.auto import AutoDriver
 from meta.models.functional import buffers_of, detached, functional_forward, parameters_of
@@ -97,8 +97,9 @@ class OuterStrategy:
         raise NotImplementedError
 
     def eval_fn(self, learner: MetaLearner, rule: InnerRule | None, steps: int) -> TaskFn:
-        """The per-task ``(loss, (accuracy, adapted))`` :meth:`MetaLearner.evaluate` maps (no meta-gradient)."""
-        return learner.task_fn(steps, rule)
+        """The per-task ``(loss, (accuracy, adapted))`` :meth:`MetaLearner.evaluate` maps (no meta-gradient), on
+        inner mini-batches of ``learner.test_batch_size``."""
+        return learner.task_fn(steps, rule, batch_size=learner.test_batch_size)
 
     def second_order(self, learner: MetaLearner, rule: InnerRule) -> bool:
         """Whether a meta-gradient differentiates through inner gradients (for the fused-norm check)."""
@@ -131,6 +132,7 @@ class MetaLearner(nn.Module):
     ``learner.parameters()`` is everything the outer optimizer trains: the model's parameters and the rule's
     parameters (``learner.rule_params``). The parts (module docstring): ``rule``, ``inner_steps``,
     ``inner_batch_size`` (each inner step uses that many support examples, Reptile's mini-batches; None: all),
+    ``test_batch_size`` (the same at validation and test; None: ``inner_batch_size``),
     ``inner_loss_reduction`` (``mean`` or cbfinn/maml's ``sum_over_shots``), ``outer`` (default
     :class:`Backprop`) and ``schedule`` (None: every iteration is the default :class:`Phase`).
     """
@@ -145,6 +147,7 @@ class MetaLearner(nn.Module):
         outer: OuterStrategy | None = None,
         schedule: Schedule | None = None,
         inner_batch_size: int | None = None,
+        test_batch_size: int | None = None,
         inner_loss_reduction: str = "mean",
     ) -> None:
         super().__init__()
@@ -162,6 +165,8 @@ class MetaLearner(nn.Module):
         self.loss_fn = loss_fn
         self.schedule = schedule
         self.inner_batch_size = inner_batch_size
+        #: the inner mini-batch at validation and test (None: ``inner_batch_size``; supervised-reptile's --eval-batch)
+        self.test_batch_size = test_batch_size
         self.inner_loss_reduction = inner_loss_reduction
         #: this iteration's switches (:meth:`set_iteration`)
         self.phase = Phase()
@@ -180,8 +185,8 @@ class MetaLearner(nn.Module):
         return drivers_of(self.outer.kind, tuple(self.outer.refused))
 
     def supported_drivers(self) -> tuple[str, ...]:
-        """The driver names this learner accepts: its drivers and ``auto``."""
-        return (*self.drivers(), "auto")
+        """The driver names this learner accepts: its drivers and ``auto`` (unless its strategy refuses it)."""
+        return (*self.drivers(), *(() if "auto" in self.outer.refused else ("auto",)))
 
     def functional_state(self) -> tuple[Params, Params, Params]:
         """``(params, rule_params, buffers)`` as name -> tensor dicts."""
@@ -193,10 +198,14 @@ class MetaLearner(nn.Module):
         return tuple(detached(tree) for tree in self.functional_state())
 
     def task_fn(
-        self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights: torch.Tensor | None = None
+        self,
+        inner_steps: int | None = None,
+        rule: InnerRule | None = None,
+        step_weights: torch.Tensor | None = None,
+        batch_size: int | None = None,
     ) -> TaskFn:
         """The per-task function :func:`meta.adaptation.task_loss` with this learner's model, inner loop and loss
-        bound (``inner_steps`` and ``rule`` default to the learner's)."""
+        bound (``inner_steps``, ``rule`` and the inner mini-batch ``batch_size`` default to the learner's)."""
         return functools.partial(
             task_loss,
             forward=functional_forward(self.model),
@@ -204,7 +213,7 @@ class MetaLearner(nn.Module):
             steps=self.inner_steps if inner_steps is None else inner_steps,
             loss_fn=self.loss_fn,
             step_weights=step_weights,
-            batch_size=self.inner_batch_size,
+            batch_size=self.inner_batch_size if batch_size is None else batch_size,
             inner_reduction=self.inner_loss_reduction,
         )
 
@@ -285,11 +294,32 @@ class MetaLearner(nn.Module):
         inner_steps: int | None = None,
         rule: InnerRule | None = None,
         chunk_size: int | None = None,
+        transductive: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-task query loss and accuracy after adaptation (vmapped, no meta-gradient).
 
-        ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
+        ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps. ``transductive``
+        False: each query is predicted alone with the support set (:func:`non_transductive`).
         """
         steps = self.inner_steps if inner_steps is None else inner_steps
-        task_fn = self.outer.eval_fn(self, self.rule if rule is None else rule, steps)
+        rule = self.rule if rule is None else rule
+        task_fn = self.outer.eval_fn(self, rule, steps)
+        if not transductive:
+            task_fn = non_transductive(task_fn, functional_forward(self.model), rule, steps, self.loss_fn)
         return vmap_forward(Problem(task_fn, *self._detached_state(), as_task_batch(tasks), chunk_size))
+
+
+def non_transductive(task_fn: TaskFn, forward: Forward, rule: InnerRule | None, steps: int, loss_fn: LossFn) -> TaskFn:
+    """An evaluation ``task_fn`` whose query predictions are made one query at a time: the adapted model's forward of
+    the support set plus that one query, its last row (batch statistics of that batch only; openai/supervised-reptile
+    reptile.py L129-133, ``_test_predictions`` with ``transductive=False``). Adaptation is ``task_fn``'s, on the
+    support set only (reptile.py L115-119); its own transductive query loss is replaced."""
+
+    def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+        _, (_, adapted) = task_fn(params, rule_params, buffers, task)
+        support_x, _, query_x, query_y = task
+        weights = adapted if rule is None else rule.at_step(adapted, rule_params, max(steps - 1, 0))
+        logits = torch.vmap(lambda q: forward(weights, buffers, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
+        return loss_fn(logits, query_y), ((logits.argmax(dim=-1) == query_y).to(logits.dtype).mean(), adapted)
+
+    return fn

@@ -39,12 +39,14 @@ def evaluate_learner(
     chunk_size: int | None = None,
     per_task: bool = False,
     dist: DistContext | None = None,
+    transductive: bool = True,
 ) -> dict[str, Any]:
     """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``; with ``per_task``,
     also ``task_accuracies``: each task's accuracy in percent, in the task set's order (for paired comparisons).
 
     With ``dist`` (several ranks), every rank draws the same task set and evaluates every ``world``-th batch of it;
-    the per-task results are gathered in task order, so every rank returns what one process would, exactly."""
+    the per-task results are gathered in task order, so every rank returns what one process would, exactly.
+    ``transductive`` False: each query is predicted alone with the support set (``eval.transductive``)."""
     losses, accuracies = [], []
     world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
     for i, batch in enumerate(evaluation_tasks(sampler, num_tasks=num_tasks, seed=seed, batch_size=batch_size)):
@@ -52,7 +54,8 @@ def evaluate_learner(
             continue
         batch = batch.to(device)
         tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
-        loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
+        loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size,
+                                          transductive=transductive)
         losses.append(loss)
         accuracies.append(accuracy)
     if world > 1:  # batch i is rank i % world's (i // world)-th: interleave the gathered lists back into order

@@ -270,6 +270,9 @@ def check_distributable(cfg: Any, ctx: DistContext) -> str | None:
         return (f"train.meta_batch={cfg.train.meta_batch} is smaller than the {ctx.world} processes: some ranks "
                 f"would get no task; raise train.meta_batch or start at most {cfg.train.meta_batch} processes "
                 f"(--nproc_per_node)")
+    if cfg.inner.persistent_state:
+        return (f"inner.persistent_state=true carries the inner rule's state from task to task in order, on one "
+                f"process, not {ctx.world}; set inner.persistent_state=false, or launch without torchrun")
     if cfg.train.cuda_graph:
         return (f"train.cuda_graph=true runs on one process only (its captured step has no collectives), not on "
                 f"{ctx.world}; set train.cuda_graph=false, or launch without torchrun")
