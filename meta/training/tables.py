@@ -50,7 +50,9 @@ class Cell:
     paper_pm: float | None  # the ± printed next to it (null when the paper gives none)
     pm_kind: str  # one of PM_KINDS
     source: dict[str, str]  # paper, table, code
-    overrides: list[str] = field(default_factory=list)  # key=value applied on top of the preset
+    # key=value applied on top of the preset: part of the cell's protocol (e.g. eval.transductive=false for the
+    # non-transductive row of a preset), so its pins are checked and its runs labelled with them applied
+    overrides: list[str] = field(default_factory=list)
     requires: dict[str, Any] = field(default_factory=dict)  # knobs the preset must pin, key: value
     # parts of the original protocol that no config key expresses yet, each a sentence naming the code it cites
     deviations: list[str] = field(default_factory=list)
@@ -126,8 +128,9 @@ def preset_exists(preset: str) -> bool:
 
 
 def missing_pins(cell: Cell) -> list[str]:
-    """The required knobs the cell's preset does not pin to the required value, as ``key=value (spec: v)``."""
-    cfg = load_config([f"preset={cell.preset}"])
+    """The required knobs the cell's preset (with the cell's overrides) does not pin to the required value, as
+    ``key=value (spec: v)``."""
+    cfg = load_config([f"preset={cell.preset}", *cell.overrides])
     wrong = []
     for key, wanted in cell.requires.items():
         value = OmegaConf.select(cfg, key)
@@ -199,15 +202,18 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def protocol_status(preset: str, run_config: DictConfig, known: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """How a run's resolved config departs from its preset: a label, the iterations, and every other changed key.
+def protocol_status(
+    preset: str, run_config: DictConfig, known: list[str] | tuple[str, ...] = (), overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """How a run's resolved config departs from its preset (with its cell's ``overrides``, which belong to the
+    cell's protocol): a label, the iterations, and every other changed key.
 
     Label ``as published`` (nothing but seed, device, paths and progress differs), ``reduced schedule (N of M
     iterations)`` (only fewer iterations), or ``deviates: key=value (preset: v); ...`` (anything else, with the
     schedule noted too). ``known``: the cell's deviations that no key expresses; they come first, marked ``(no
     knob)``, and make the label ``deviates`` even when the run pinned everything its preset does.
     """
-    ours, theirs = _flat(run_config), _flat(load_config([f"preset={preset}"]))
+    ours, theirs = _flat(run_config), _flat(load_config([f"preset={preset}", *(overrides or [])]))
     keys = [k for k in sorted(set(ours) | set(theirs))
             if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "train.iterations"]
     deviations = [f"{d} (no knob)" for d in known]
@@ -241,7 +247,7 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
         return {**row, "accuracy": None, "protocol": "not run", "within_paper": None}
     results = [json.loads((d / "results.json").read_text()) for d in done]
     configs = [OmegaConf.load(d / "config.yaml") for d in done]
-    statuses = [protocol_status(cell.preset, c, cell.deviations) for c in configs]
+    statuses = [protocol_status(cell.preset, c, cell.deviations, cell.overrides) for c in configs]
     accuracies = [r["test"]["accuracy"] for r in results]
     mean = sum(accuracies) / len(accuracies)
     std = (math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
