@@ -245,9 +245,10 @@ def test_a_resumed_persistent_run_equals_the_uninterrupted_one(tmp_path):
             "device=cpu", "dtype=float64", "train.iterations=4", "eval.transductive=false",
             "train.lr_schedule=constant", "train.meta_lr=0.5"]  # constant: train.iterations may change on resume
 
-    def run(out: Path, *extra: str) -> None:
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_maml.py"), *args, f"out_dir={out}",
-                               *extra], cwd=REPO, env=env, capture_output=True, text=True)
+    def run(out: Path, *extra: str, script: str = "train_maml.py") -> None:
+        command = [*args, f"out_dir={out}", *extra] if script == "train_maml.py" else [str(out), *extra]
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *command], cwd=REPO, env=env,
+                              capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
     full, part = tmp_path / "full", tmp_path / "part"
@@ -261,3 +262,9 @@ def test_a_resumed_persistent_run_equals_the_uninterrupted_one(tmp_path):
     assert results[0] == results[1]
     saved = torch.load(full / "checkpoint.pt", weights_only=True)["learner"]["outer._extra_state"]["state"]
     assert saved["count"] == 4 * 2 * 5  # 4 iterations x 2 tasks x 5 inner steps
+    # evaluate.py restores the carried state with the weights, and applies eval.transductive: the final model's
+    # test equals the training run's (non-transductive), and the transductive test of the same tasks differs
+    run(full / "checkpoint.pt", "eval.transductive=false", script="evaluate.py")
+    assert json.loads((full / "results_checkpoint.json").read_text())["test"] == results[0]
+    run(full / "checkpoint.pt", "eval.transductive=true", script="evaluate.py")
+    assert json.loads((full / "results_checkpoint.json").read_text())["test"]["loss"] != results[0]["loss"]
