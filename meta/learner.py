@@ -133,8 +133,8 @@ class MetaLearner(nn.Module):
     parameters (``learner.rule_params``). The parts (module docstring): ``rule``, ``inner_steps``,
     ``inner_batch_size`` (each inner step uses that many support examples, Reptile's mini-batches; None: all),
     ``test_batch_size`` (the same at validation and test; None: ``inner_batch_size``),
-    ``inner_loss_reduction`` (``mean`` or cbfinn/maml's ``sum_over_shots``), ``outer`` (default
-    :class:`Backprop`) and ``schedule`` (None: every iteration is the default :class:`Phase`).
+    ``inner_loss_reduction`` (``mean``, cbfinn/maml's ``sum_over_shots`` or supervised-reptile's ``sum``),
+    ``outer`` (default :class:`Backprop`) and ``schedule`` (None: every iteration is the default :class:`Phase`).
     """
 
     def __init__(
