@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 import torch
@@ -43,7 +43,7 @@ from meta.models.networks import (
     parameters_of,
 )
 from meta.per_sample import _check_no_batch_statistics
-from meta.rules.base import InnerRule, apply_updates, first_order
+from meta.rules.base import InnerRule, State, apply_updates, first_order
 from meta.types import Forward, LossFn, Params, Task
 
 # ---- the per-task function: adapt on the support set, score on the query set --------------------
@@ -51,7 +51,9 @@ from meta.types import Forward, LossFn, Params, Task
 #: How the inner (support) loss reduces its per-example losses: ``mean``, or ``sum_over_shots``, the sum divided
 #: by the shots K, as cbfinn/maml's ``xent`` (utils.py:L56-L58 divides the per-example cross-entropy by
 #: ``update_batch_size``) under ``tf.gradients`` of that vector (maml.py:L90, L101), which sums it.
-INNER_LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+#: ``sum``: the sum over the batch, as openai/supervised-reptile's ``minimize`` of the per-example loss vector
+#: (models.py L27-30: ``sparse_softmax_cross_entropy_with_logits``, no mean), i.e. ``batch`` times the mean.
+INNER_LOSS_REDUCTIONS = ("mean", "sum_over_shots", "sum")
 
 
 def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> float:
@@ -63,6 +65,8 @@ def inner_loss_scale(reduction: str, ways: int, batch: int, support: int) -> flo
         return 1.0
     if reduction == "sum_over_shots":
         return ways * batch / support
+    if reduction == "sum":
+        return float(batch)
     raise ValueError(f"unknown inner loss reduction {reduction!r}; choose one of {INNER_LOSS_REDUCTIONS}")
 
 
@@ -92,8 +96,9 @@ def adapt_steps(
     batch_size: int | None = None,
     reduction: str = "mean",
     autograd_inner: bool = False,
-) -> Iterator[Params]:
-    """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``.
+) -> Generator[Params, None, State]:
+    """Yield all parameters after each of ``steps`` inner updates of ``rule`` on ``(x, y)``; return the rule's final
+    state (the generator's return value: ``StopIteration.value``, or the value of ``yield from``).
 
     With ``rule.per_sample`` the rule gets per-sample gradients ``[n, *shape]``
     (``vmap(grad)`` over the samples, which nests inside a vmap over tasks). With ``batch_size``, each step
@@ -131,6 +136,7 @@ def adapt_steps(
         updates, state = rule.update(grads, state, fast, rule_params, i)
         fast = apply_updates(fast, updates)
         yield {k: fast.get(k, v) for k, v in params.items()}
+    return state
 
 
 def adapt(
@@ -272,8 +278,9 @@ class OuterStrategy:
         raise NotImplementedError
 
     def eval_fn(self, learner: MetaLearner, rule: InnerRule | None, steps: int) -> TaskFn:
-        """The per-task ``(loss, (accuracy, adapted))`` :meth:`MetaLearner.evaluate` maps (no meta-gradient)."""
-        return learner.task_fn(steps, rule)
+        """The per-task ``(loss, (accuracy, adapted))`` :meth:`MetaLearner.evaluate` maps (no meta-gradient), on
+        inner mini-batches of ``learner.test_batch_size``."""
+        return learner.task_fn(steps, rule, batch_size=learner.test_batch_size)
 
     def second_order(self, learner: MetaLearner, rule: InnerRule) -> bool:
         """Whether a meta-gradient differentiates through inner gradients (for the fused-norm check)."""
@@ -306,8 +313,9 @@ class MetaLearner(nn.Module):
     ``learner.parameters()`` is everything the outer optimizer trains: the model's parameters and the rule's
     parameters (``learner.rule_params``). The parts (module docstring): ``rule``, ``inner_steps``,
     ``inner_batch_size`` (each inner step uses that many support examples, Reptile's mini-batches; None: all),
-    ``inner_loss_reduction`` (``mean`` or cbfinn/maml's ``sum_over_shots``), ``outer`` (default
-    :class:`Backprop`) and ``schedule`` (None: every iteration is the default :class:`Phase`).
+    ``test_batch_size`` (the same at validation and test; None: ``inner_batch_size``),
+    ``inner_loss_reduction`` (``mean``, cbfinn/maml's ``sum_over_shots`` or supervised-reptile's ``sum``),
+    ``outer`` (default :class:`Backprop`) and ``schedule`` (None: every iteration is the default :class:`Phase`).
     """
 
     def __init__(
@@ -320,6 +328,7 @@ class MetaLearner(nn.Module):
         outer: OuterStrategy | None = None,
         schedule: Schedule | None = None,
         inner_batch_size: int | None = None,
+        test_batch_size: int | None = None,
         inner_loss_reduction: str = "mean",
     ) -> None:
         super().__init__()
@@ -337,6 +346,8 @@ class MetaLearner(nn.Module):
         self.loss_fn = loss_fn
         self.schedule = schedule
         self.inner_batch_size = inner_batch_size
+        #: the inner mini-batch at validation and test (None: ``inner_batch_size``; supervised-reptile's --eval-batch)
+        self.test_batch_size = test_batch_size
         self.inner_loss_reduction = inner_loss_reduction
         #: this iteration's switches (:meth:`set_iteration`)
         self.phase = Phase()
@@ -368,10 +379,14 @@ class MetaLearner(nn.Module):
         return tuple(detached(tree) for tree in self.functional_state())
 
     def task_fn(
-        self, inner_steps: int | None = None, rule: InnerRule | None = None, step_weights: torch.Tensor | None = None
+        self,
+        inner_steps: int | None = None,
+        rule: InnerRule | None = None,
+        step_weights: torch.Tensor | None = None,
+        batch_size: int | None = None,
     ) -> TaskFn:
-        """The per-task function :func:`task_loss` with this learner's model, inner loop and loss
-        bound (``inner_steps`` and ``rule`` default to the learner's)."""
+        """The per-task function :func:`task_loss` with this learner's model, inner loop and loss bound
+        (``inner_steps``, ``rule`` and the inner mini-batch ``batch_size`` default to the learner's)."""
         return functools.partial(
             task_loss,
             forward=functional_forward(self.model),
@@ -379,7 +394,7 @@ class MetaLearner(nn.Module):
             steps=self.inner_steps if inner_steps is None else inner_steps,
             loss_fn=self.loss_fn,
             step_weights=step_weights,
-            batch_size=self.inner_batch_size,
+            batch_size=self.inner_batch_size if batch_size is None else batch_size,
             inner_reduction=self.inner_loss_reduction,
         )
 
@@ -460,11 +475,32 @@ class MetaLearner(nn.Module):
         inner_steps: int | None = None,
         rule: InnerRule | None = None,
         chunk_size: int | None = None,
+        transductive: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-task query loss and accuracy after adaptation (vmapped, no meta-gradient).
 
-        ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps.
+        ``inner_steps`` and ``rule`` override the training ones, e.g. MAML's 3 test-time steps. ``transductive``
+        False: each query is predicted alone with the support set (:func:`non_transductive`).
         """
         steps = self.inner_steps if inner_steps is None else inner_steps
-        task_fn = self.outer.eval_fn(self, self.rule if rule is None else rule, steps)
+        rule = self.rule if rule is None else rule
+        task_fn = self.outer.eval_fn(self, rule, steps)
+        if not transductive:
+            task_fn = non_transductive(task_fn, functional_forward(self.model), rule, steps, self.loss_fn)
         return vmap_forward(Problem(task_fn, *self._detached_state(), as_task_batch(tasks), chunk_size))
+
+
+def non_transductive(task_fn: TaskFn, forward: Forward, rule: InnerRule | None, steps: int, loss_fn: LossFn) -> TaskFn:
+    """An evaluation ``task_fn`` whose query predictions are made one query at a time: the adapted model's forward of
+    the support set plus that one query, its last row (batch statistics of that batch only; openai/supervised-reptile
+    reptile.py L129-133, ``_test_predictions`` with ``transductive=False``). Adaptation is ``task_fn``'s, on the
+    support set only (reptile.py L115-119); its own transductive query loss is replaced."""
+
+    def fn(params: Params, rule_params: Params, buffers: Params, task: Task):
+        _, (_, adapted) = task_fn(params, rule_params, buffers, task)
+        support_x, _, query_x, query_y = task
+        weights = adapted if rule is None else rule.at_step(adapted, rule_params, max(steps - 1, 0))
+        logits = torch.vmap(lambda q: forward(weights, buffers, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
+        return loss_fn(logits, query_y), ((logits.argmax(dim=-1) == query_y).to(logits.dtype).mean(), adapted)
+
+    return fn

@@ -130,6 +130,7 @@ test = evaluate_learner(
     tested, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
     batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
     rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size, per_task=True,
+    transductive=cfg.eval.transductive,
 )
 results = {"test": test, "checkpoint": str(path), "step": state["step"], **run_metadata(cfg, device),
            "test_wall_time_s": time.perf_counter() - start}

@@ -271,6 +271,7 @@ def evaluate(split: str, num_tasks: int, seed: int, model=None) -> dict:
         inner_steps=test_steps, rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
         per_task=split == "test",  # results.json keeps each test task's accuracy (paired comparisons)
         dist=dist_ctx,  # several processes: each evaluates its share of the batches, gathered in task order
+        transductive=cfg.eval.transductive,
     )
 
 

@@ -260,7 +260,8 @@ def test_preset_builds_and_takes_a_step(name):
     learner.set_iteration(0, cfg.train.iterations)
     batch = random_tasks(tasks=2, ways=5, shots=1, queries=cfg.task.queries, size=16)
     before = {k: v.detach().clone() for k, v in learner.named_parameters()}
-    result = learner.meta_gradient(batch, driver="vmap" if cfg.driver == "auto" else cfg.driver)  # protonets: its own
+    # protonets and reptile presets pin their own driver
+    result = learner.meta_gradient(batch, driver="vmap" if cfg.driver == "auto" else cfg.driver)
     learner.write_grads(result)
     optimizer.step()
     assert any(not torch.equal(v, before[k]) for k, v in learner.named_parameters())

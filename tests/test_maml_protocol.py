@@ -69,8 +69,8 @@ def test_sum_over_shots_for_per_sample_rules_scales_each_samples_gradient(tasks)
 
 
 def test_unknown_reduction_is_refused(tasks):
-    with pytest.raises(ValueError, match="unknown inner loss reduction 'sum'"):
-        learner_for(meta.sgd(), "sum").meta_gradient(tasks)
+    with pytest.raises(ValueError, match="unknown inner loss reduction 'total'"):
+        learner_for(meta.sgd(), "total").meta_gradient(tasks)
 
 
 @pytest.mark.parametrize("affine,names", [("gamma_beta", {"weight", "bias"}), ("beta", {"bias"}), ("none", set())])
@@ -166,8 +166,8 @@ def test_inner_loss_reduction_key_reaches_the_learner_and_refuses_other_algorith
     for algorithm in ("imaml", "protonets"):
         with pytest.raises(ConfigError, match="inner.loss_reduction=sum_over_shots applies to"):
             load_config([f"algorithm={algorithm}", "inner.loss_reduction=sum_over_shots"])
-    with pytest.raises(ConfigError, match="inner.loss_reduction='sum' is not one of"):
-        load_config(["inner.loss_reduction=sum"])
+    with pytest.raises(ConfigError, match="inner.loss_reduction='total' is not one of"):
+        load_config(["inner.loss_reduction=total"])
 
 
 def test_conv4_head_reads_the_spatial_mean_or_the_flattened_features():

@@ -90,7 +90,8 @@ def test_the_committed_tables_cover_the_algorithm_family_and_the_mnist_anchor(ta
     # expressible since eval.checkpoint=ensemble and train.epoch_iterations (tests/test_mamlpp_protocol.py)
     assert all(bool(c.deviations) == (table not in EXPRESSIBLE) for c in spec.cells)
     for c in spec.cells:
-        status = protocol_status(c.preset, load_config([f"preset={c.preset}", *c.overrides]), c.deviations)
+        status = protocol_status(c.preset, load_config([f"preset={c.preset}", *c.overrides]), c.deviations,
+                                 c.overrides)
         if table in EXPRESSIBLE:
             assert status["label"] == "as published"
             continue
@@ -103,14 +104,19 @@ def test_reptile_rows_share_presets_and_differ_in_the_paper_number_and_transduct
     for shape in ("5w1s", "5w5s", "20w1s", "20w5s"):
         trans, non = cells[f"transductive_{shape}"], cells[f"nontransductive_{shape}"]
         assert trans.preset == non.preset and trans.paper_accuracy > non.paper_accuracy
-        assert any("transductively" in d for d in non.deviations)
-        assert not any("transductively" in d for d in trans.deviations)
+        # the rows differ in eval.transductive (reptile.py L126-133), a key: neither lists it as a deviation
+        assert (trans.requires["eval.transductive"], non.requires["eval.transductive"]) == (True, False)
+        assert "eval.transductive=false" in non.overrides and trans.deviations == non.deviations
         assert {c.pm_kind for c in (trans, non)} == {"unstated"}  # papers.md C2: not a 95% task CI
-    # the non-transductive cell's reference override is the paper's number, and is no protocol deviation
+    # the non-transductive cell's overrides (eval.transductive=false and the paper's number) are its protocol, not a
+    # deviation from it; the same run labelled against the bare preset does deviate
     non = cells["nontransductive_5w1s"]
     run = load_config([f"preset={non.preset}", *non.overrides, "train.iterations=10"])
-    assert run.reference.accuracy == 95.39
-    assert protocol_status(non.preset, run)["label"] == "reduced schedule (10 of 100000 iterations)"
+    assert run.reference.accuracy == 95.39 and not run.eval.transductive
+    assert protocol_status(non.preset, run, expected=non.overrides)["label"] == (
+        "reduced schedule (10 of 100000 iterations)")
+    assert protocol_status(non.preset, run)["label"] == (
+        "deviates: eval.transductive=False (preset: True); reduced schedule (10 of 100000 iterations)")
 
 
 @pytest.mark.parametrize("path,cell", SPEC_CELLS, ids=[f"{p.stem}-{c.name}" for p, c in SPEC_CELLS])

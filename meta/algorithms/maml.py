@@ -26,9 +26,10 @@ def check_adapted_head(cfg: Any) -> None:
 
 def check_no_inner_loop_knobs(cfg: Any) -> None:
     """Refuse the MAML inner loop's knobs for an algorithm whose inner loop is not MAML's."""
-    if cfg.inner.batch_size is not None:
-        raise ValueError(f"inner.batch_size applies to the inner loops of maml, mamlpp and reptile, not "
-                         f"algorithm={cfg.algorithm}")
+    for key in ("batch_size", "test_batch_size"):
+        if cfg.inner[key] is not None:
+            raise ValueError(f"inner.{key} applies to the inner loops of maml, mamlpp and reptile, not "
+                             f"algorithm={cfg.algorithm}")
     if cfg.inner.loss_reduction != "mean":
         raise ValueError(f"inner.loss_reduction={cfg.inner.loss_reduction} applies to the inner loops of maml, "
                          f"mamlpp and reptile, not algorithm={cfg.algorithm}; set inner.loss_reduction=mean")
@@ -36,7 +37,8 @@ def check_no_inner_loop_knobs(cfg: Any) -> None:
 
 def inner_loop(cfg: Any) -> dict[str, Any]:
     """The learner's inner-loop parts from the ``inner`` section (keyword arguments of :class:`MetaLearner`)."""
-    return {"inner_batch_size": cfg.inner.batch_size, "inner_loss_reduction": cfg.inner.loss_reduction}
+    return {"inner_batch_size": cfg.inner.batch_size, "test_batch_size": cfg.inner.test_batch_size,
+            "inner_loss_reduction": cfg.inner.loss_reduction}
 
 
 def check_config(cfg: Any) -> None:

@@ -86,6 +86,7 @@ def evaluate_learner(
     chunk_size: int | None = None,
     per_task: bool = False,
     dist: DistContext | None = None,
+    transductive: bool = True,
 ) -> dict[str, Any]:
     """Accuracy (in percent) ± 95% CI and mean loss over the fixed task set drawn from ``seed``; with ``per_task``,
     also ``task_accuracies``: each task's accuracy in percent, in the task set's order (for paired comparisons).
@@ -93,7 +94,8 @@ def evaluate_learner(
     are those of the ensemble's predictions, task by task.
 
     With ``dist`` (several ranks), every rank draws the same task set and evaluates every ``world``-th batch of it;
-    the per-task results are gathered in task order, so every rank returns what one process would, exactly."""
+    the per-task results are gathered in task order, so every rank returns what one process would, exactly.
+    ``transductive`` False: each query is predicted alone with the support set (``eval.transductive``)."""
     losses, accuracies = [], []
     world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
     for i, batch in enumerate(evaluation_tasks(sampler, num_tasks=num_tasks, seed=seed, batch_size=batch_size)):
@@ -102,10 +104,11 @@ def evaluate_learner(
         batch = batch.to(device)
         tasks = (batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y)
         if isinstance(learner, MetaLearner):
-            loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size)
+            loss, accuracy = learner.evaluate(tasks, inner_steps=inner_steps, rule=rule, chunk_size=chunk_size,
+                                              transductive=transductive)
         else:
             loss, accuracy = ensemble_evaluate(learner, tasks, inner_steps=inner_steps, rule=rule,
-                                               chunk_size=chunk_size)
+                                               chunk_size=chunk_size, transductive=transductive)
         losses.append(loss)
         accuracies.append(accuracy)
     if world > 1:  # batch i is rank i % world's (i // world)-th: interleave the gathered lists back into order

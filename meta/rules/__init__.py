@@ -21,6 +21,7 @@ from meta.rules.base import (
     masked,
     register_rule,
     sgd,
+    with_initial_state,
 )
 from meta.rules.clipped import clip_per_sample, clipped_sgd
 from meta.rules.mamlpp import mamlpp, norm_parameter_names
@@ -61,4 +62,5 @@ __all__ = [
     "norm_parameter_names",
     "register_rule",
     "sgd",
+    "with_initial_state",
 ]

@@ -115,6 +115,15 @@ def first_order(rule: InnerRule) -> InnerRule:
     return dataclasses.replace(rule, name=f"first_order({rule.name})", update=update, first_order=True)
 
 
+def with_initial_state(rule: InnerRule, state: State | None) -> InnerRule:
+    """The same rule, starting every adaptation from ``state`` instead of ``init(params)`` (a state carried from
+    task to task: Reptile's persistent inner Adam, ``inner.persistent_state``); ``rule`` itself when ``state`` is
+    None. ``state`` must hold the adapted parameters' names, as ``rule.init`` would."""
+    if state is None:
+        return rule
+    return dataclasses.replace(rule, init=lambda params: state)
+
+
 def masked(rule: InnerRule, adapts: Callable[[str], bool], label: str = "mask") -> InnerRule:
     """The same rule, adapting only the parameters whose name passes ``adapts`` (e.g. ANIL's head)."""
     outer = rule.adapts

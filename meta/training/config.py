@@ -106,11 +106,20 @@ class InnerConfig:
     # inner mini-batch (Reptile): each step uses the next batch_size support examples of the (shuffled) support
     # set, cycling; null, or at least the support set's size: all of them
     batch_size: int | None = None
+    # inner mini-batch at validation and test (supervised-reptile's --eval-batch); null: same as batch_size.
+    # algorithm maml, mamlpp and reptile
+    test_batch_size: int | None = None
     # inner (support) loss: mean (of the per-example cross-entropy) | sum_over_shots (their sum divided by the
     # shots K, cbfinn/maml's xent: N times the mean on the full support set, so an SGD step of lr on it is a step
     # of N * lr on the mean). The query loss is always the mean. Per-sample rules (clipped_sgd) get each
-    # sample's gradient times the same factor. algorithm maml, mamlpp and reptile
+    # sample's gradient times the same factor. | sum (over the batch: batch times the mean; supervised-reptile's
+    # minimize of the per-example loss vector, models.py L27-30). algorithm maml, mamlpp and reptile
     loss_reduction: str = "mean"
+    # algorithm=reptile with a rule that has state (adam): carry the rule's state (Adam's moments and step count)
+    # from task to task and across meta-iterations instead of starting it afresh per task; validation and test
+    # tasks each start from the carried state (supervised-reptile reptile.py L24-26: only trainable variables are
+    # restored between tasks). Tasks then run in order: driver=loop only. Saved in checkpoints
+    persistent_state: bool = False
     # false: the norm layers' parameters are meta-learned but not adapted in the inner loop (MAML: its batch-norm
     # variables are not in `weights`); the rule is masked to the other parameters (meta.rules.masked)
     adapt_norm: bool = True
@@ -186,6 +195,10 @@ class EvalConfig:
     # L247-290; a run with fewer validations uses all of them, and says so)
     checkpoint: str = "best"
     ensemble_size: int = 5  # eval.checkpoint=ensemble: how many top validation checkpoints (MAML++: 5, L371)
+    # true: the query set is predicted as one batch (batch statistics over the queries: MAML, "Reptile +
+    # Transduction"); false: each query in a batch of the support set plus that query alone (supervised-reptile
+    # reptile.py L129-133). Validation and test; model.norm=task_bn, algorithm maml, mamlpp, reptile or imaml
+    transductive: bool = True
 
 
 @dataclass
@@ -257,7 +270,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.init": ("xavier", "maml", "imaml", "pytorch04"),
     "model.conv4_head": ("mean", "flatten"),
     "model.norm_stats": ("batch", "running"),
-    "inner.loss_reduction": ("mean", "sum_over_shots"),
+    "inner.loss_reduction": ("mean", "sum_over_shots", "sum"),
     "eval.checkpoint": ("best", "last", "ensemble"),
     "imaml.formulation": ("paper", "code"),
 }
@@ -287,8 +300,8 @@ RESUME_SAFE_KEYS = (
 EVAL_KEYS = (
     "device", "dtype", "driver", "progress", "data.root", "data.cache_dir", "data.download", "data.test_dataset",
     "data.test_protocol", "task.shots", "task.test_queries", "train.chunk_size", "inner.test_lr",
-    "inner.test_steps", "imaml.test_lam", "eval.tasks", "eval.batch_size", "eval.seed", "eval.checkpoint",
-    "eval.ensemble_size",
+    "inner.test_steps", "inner.test_batch_size", "imaml.test_lam", "eval.tasks", "eval.batch_size", "eval.seed",
+    "eval.checkpoint", "eval.ensemble_size", "eval.transductive",
 )
 #: The keys a paper's reference number belongs to: change one and the reference no longer applies.
 REFERENCE_PROTOCOL = ("data.dataset", "data.protocol", "data.test_dataset", "data.test_protocol", "task.ways",
@@ -441,7 +454,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.early_stop_patience must be >= 0 (or null: no early stopping), got "
                           f"{cfg.train.early_stop_patience}")
     for key in ("task.test_queries", "task.train_ways", "task.train_shots", "task.val_ways", "task.val_queries",
-                "inner.batch_size", "data.task_pool", "train.epoch_iterations"):
+                "inner.batch_size", "inner.test_batch_size", "data.task_pool", "train.epoch_iterations"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
@@ -456,6 +469,14 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _validate_data(cfg.data)
+    if cfg.inner.persistent_state and cfg.algorithm != "reptile":
+        raise ConfigError(f"inner.persistent_state=true applies to algorithm=reptile (its tasks adapt one after "
+                          f"another), not algorithm={cfg.algorithm}; set inner.persistent_state=false")
+    if not cfg.eval.transductive and (cfg.model.norm != "task_bn" or cfg.algorithm == "protonets"):
+        raise ConfigError(f"eval.transductive=false predicts each query with the support set's batch statistics; with "
+                          f"model.norm={cfg.model.norm} and algorithm={cfg.algorithm} that changes nothing or does not "
+                          f"apply (it needs model.norm=task_bn and an adapted model: maml, mamlpp, reptile, imaml); "
+                          f"leave eval.transductive=true")
     if cfg.model.norm_affine != "gamma_beta" and cfg.model.norm != "task_bn":
         raise ConfigError(f"model.norm_affine={cfg.model.norm_affine} needs model.norm=task_bn (got "
                           f"{cfg.model.norm}); set model.norm_affine=gamma_beta")

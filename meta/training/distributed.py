@@ -274,6 +274,9 @@ def check_distributable(cfg: Any, ctx: DistContext) -> str | None:
         return (f"model.norm_stats=running updates the running statistics from the training episodes one after "
                 f"another on one process; {ctx.world} ranks would each update theirs from their own share. Launch "
                 f"without torchrun")
+    if cfg.inner.persistent_state:
+        return (f"inner.persistent_state=true carries the inner rule's state from task to task in order, on one "
+                f"process, not {ctx.world}; set inner.persistent_state=false, or launch without torchrun")
     if cfg.train.cuda_graph:
         return (f"train.cuda_graph=true runs on one process only (its captured step has no collectives), not on "
                 f"{ctx.world}; set train.cuda_graph=false, or launch without torchrun")

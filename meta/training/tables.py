@@ -54,7 +54,9 @@ class Cell:
     paper_pm: float | None  # the ± printed next to it (null when the paper gives none)
     pm_kind: str  # one of PM_KINDS
     source: dict[str, str]  # paper, table, code
-    overrides: list[str] = field(default_factory=list)  # key=value applied on top of the preset
+    # key=value applied on top of the preset: part of the cell's protocol (e.g. eval.transductive=false for the
+    # non-transductive row of a preset), so its pins are checked and its runs labelled with them applied
+    overrides: list[str] = field(default_factory=list)
     requires: dict[str, Any] = field(default_factory=dict)  # knobs the preset must pin, key: value
     # parts of the original protocol that no config key expresses yet, each a sentence naming the code it cites
     deviations: list[str] = field(default_factory=list)
@@ -138,8 +140,9 @@ def preset_exists(preset: str) -> bool:
 
 
 def missing_pins(cell: Cell) -> list[str]:
-    """The required knobs the cell's preset does not pin to the required value, as ``key=value (spec: v)``."""
-    cfg = load_config([f"preset={cell.preset}"])
+    """The required knobs the cell's preset (with the cell's overrides) does not pin to the required value, as
+    ``key=value (spec: v)``."""
+    cfg = load_config([f"preset={cell.preset}", *cell.overrides])
     wrong = []
     for key, wanted in cell.requires.items():
         value = OmegaConf.select(cfg, key)
@@ -263,7 +266,8 @@ def protocol_status(
     iterations)`` (only fewer iterations), or ``deviates: key=value (preset: v); ...`` (anything else, with the
     schedule noted too). ``known``: the cell's deviations that no key expresses; they come first, marked ``(no
     knob)``, and make the label ``deviates`` even when the run pinned everything its preset does. ``expected``:
-    key=value the protocol applies on top of the preset (a two-stage cell's retraining), no deviation.
+    key=value the protocol applies on top of the preset (its cell's ``overrides``, a two-stage cell's retraining),
+    no deviation.
     """
     # a key the run's config lacks did not exist when it ran: it ran as that key's default (new keys default to
     # the earlier behaviour), so the structured defaults fill it in
@@ -296,10 +300,10 @@ def run_status(cell: Cell, run_dir: Path) -> dict[str, Any]:
     against the preset with the retraining's keys (:func:`retrain_args`); the deviations of both, each once."""
     config = OmegaConf.load(run_dir / "config.yaml")
     if not cell.retrain:
-        return protocol_status(cell.preset, config, cell.deviations)
+        return protocol_status(cell.preset, config, cell.deviations, cell.overrides)
     first = stage1_dir(run_dir)
-    one = protocol_status(cell.preset, OmegaConf.load(first / "config.yaml"), cell.deviations)
-    two = protocol_status(cell.preset, config, (), expected=retrain_args(cell, first))
+    one = protocol_status(cell.preset, OmegaConf.load(first / "config.yaml"), cell.deviations, cell.overrides)
+    two = protocol_status(cell.preset, config, (), expected=[*cell.overrides, *retrain_args(cell, first)])
     deviations = one["deviations"] + [d for d in two["deviations"]
                                       if d not in one["deviations"] and not d.startswith("train.iterations=")]
     if two["iterations"] != two["preset_iterations"]:
