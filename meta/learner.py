@@ -500,7 +500,15 @@ def non_transductive(task_fn: TaskFn, forward: Forward, rule: InnerRule | None, 
         _, (_, adapted) = task_fn(params, rule_params, buffers, task)
         support_x, _, query_x, query_y = task
         weights = adapted if rule is None else rule.at_step(adapted, rule_params, max(steps - 1, 0))
-        logits = torch.vmap(lambda q: forward(weights, buffers, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
+        logits = per_query_logits(forward, weights, buffers, support_x, query_x)
         return loss_fn(logits, query_y), ((logits.argmax(dim=-1) == query_y).to(logits.dtype).mean(), adapted)
 
     return fn
+
+
+def per_query_logits(
+    forward: Forward, weights: Params, buffers: Params, support_x: torch.Tensor, query_x: torch.Tensor
+) -> torch.Tensor:
+    """Each query's logits from the forward of the support set plus that query alone (its last row): the
+    non-transductive prediction of :func:`non_transductive`, ``[queries, ways]``."""
+    return torch.vmap(lambda q: forward(weights, buffers, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)

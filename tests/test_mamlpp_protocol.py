@@ -117,6 +117,16 @@ def test_an_ensemble_of_copies_of_one_model_is_that_model(tasks) -> None:
         torch.testing.assert_close(ens_loss, loss, rtol=1e-12, atol=1e-12)
 
 
+def test_a_non_transductive_ensemble_of_one_model_is_that_models_non_transductive_evaluation(tasks) -> None:
+    # eval.transductive=false reaches the ensemble: each member predicts each query with the support set alone
+    learner = mamlpp_learner(0)
+    loss, accuracy = learner.evaluate(tasks, transductive=False)
+    assert not torch.equal(loss, learner.evaluate(tasks)[0])  # batch statistics differ, so the losses do
+    ens_loss, ens_accuracy = ensemble_evaluate([learner] * 2, tasks, transductive=False)
+    assert torch.equal(ens_accuracy, accuracy)
+    torch.testing.assert_close(ens_loss, loss, rtol=1e-12, atol=1e-12)
+
+
 def test_an_ensemble_of_two_models_averages_their_logits_task_by_task(tasks) -> None:
     # plain MAML learners: the adapted parameters of the loop driver, one task at a time, are all one needs
     learners = [meta.MetaLearner(small_model(norm="task_bn", kind="conv4", seed=seed), meta.sgd(lr=0.5),

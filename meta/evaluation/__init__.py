@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from meta.data import TaskSampler, evaluation_tasks
-from meta.learner import MetaLearner, as_task_batch
+from meta.learner import MetaLearner, as_task_batch, per_query_logits
 from meta.models.networks import detached, functional_forward
 from meta.rules import InnerRule
 from meta.types import Params, Task
@@ -36,9 +36,11 @@ def query_logits(
     inner_steps: int | None = None,
     rule: InnerRule | None = None,
     chunk_size: int | None = None,
+    transductive: bool = True,
 ) -> torch.Tensor:
     """Query logits ``[tasks, queries, ways]`` after the learner's own test-time adaptation (its strategy's
-    ``eval_fn``, as :meth:`MetaLearner.evaluate` runs it): the forward pass that gives its accuracy, returned."""
+    ``eval_fn``, as :meth:`MetaLearner.evaluate` runs it): the forward pass that gives its accuracy, returned.
+    ``transductive`` False: each query from the support set plus that query alone (:func:`per_query_logits`)."""
     steps = learner.inner_steps if inner_steps is None else inner_steps
     rule = learner.rule if rule is None else rule
     if rule is None:
@@ -48,7 +50,10 @@ def query_logits(
 
     def logits(params: Params, rule_params: Params, buffers: Params, task: Task) -> torch.Tensor:
         _, (_, adapted) = task_fn(params, rule_params, buffers, task)
-        return forward(rule.at_step(adapted, rule_params, max(steps - 1, 0)), buffers, task[2])
+        weights = rule.at_step(adapted, rule_params, max(steps - 1, 0))
+        if not transductive:
+            return per_query_logits(forward, weights, buffers, task.support_x, task.query_x)
+        return forward(weights, buffers, task.query_x)
 
     state = [detached(tree) for tree in learner.functional_state()]
     return torch.vmap(logits, in_dims=(None, None, None, 0), chunk_size=chunk_size)(*state, as_task_batch(tasks))
@@ -60,12 +65,14 @@ def ensemble_evaluate(
     inner_steps: int | None = None,
     rule: InnerRule | None = None,
     chunk_size: int | None = None,
+    transductive: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query loss and accuracy of an ensemble, as MAML++'s code combines its top models
     (experiment_builder.py L282-287): every member adapts on the support set as usual, the members' query logits
     are averaged, and the argmax of the mean is the prediction. The loss is the cross-entropy of the mean logits."""
     tasks = as_task_batch(tasks)
-    mean = torch.stack([query_logits(m, tasks, inner_steps, rule, chunk_size) for m in learners]).mean(dim=0)
+    mean = torch.stack([query_logits(m, tasks, inner_steps, rule, chunk_size, transductive)
+                        for m in learners]).mean(dim=0)
     query_y = tasks[3]
     loss = F.cross_entropy(mean.flatten(0, 1), query_y.flatten(), reduction="none").view_as(query_y).mean(dim=-1)
     accuracy = (mean.argmax(dim=-1) == query_y).to(mean.dtype).mean(dim=-1)
