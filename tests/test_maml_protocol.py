@@ -187,3 +187,54 @@ def test_conv4_head_reads_the_spatial_mean_or_the_flattened_features():
         load_config(["model.name=conv4_maxpool", "model.conv4_head=flatten"])
     assert load_config(["preset=reptile_omniglot_5w1s"]).model.conv4_head == "flatten"
     assert load_config(["preset=maml_omniglot_5w1s"]).model.conv4_head == "mean"
+
+
+# ---- TensorFlow's 'SAME' padding (cbfinn/maml utils.py conv_block, supervised-reptile models.py L21) ---------
+
+
+def tf_same_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> torch.Tensor:
+    """TF's conv2d(padding='SAME') written out: output side ceil(n / stride); window i starts at input row
+    i * stride - pad_top with pad_top = total // 2, total = max((out - 1) * stride + k - n, 0); outside is zero."""
+    n, k = x.shape[-1], weight.shape[-1]
+    out = -(-n // stride)
+    top = max((out - 1) * stride + k - n, 0) // 2
+    result = torch.zeros(x.shape[0], weight.shape[0], out, out, dtype=x.dtype)
+    for i in range(out):
+        for j in range(out):
+            for a in range(k):
+                for b in range(k):
+                    r, c = i * stride - top + a, j * stride - top + b
+                    if 0 <= r < n and 0 <= c < n:
+                        result[:, :, i, j] += torch.einsum("bc,oc->bo", x[:, :, r, c], weight[:, :, a, b])
+    return result + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("side", [28, 14, 7, 4])
+def test_tf_same_padding_equals_tensorflows_rule_and_differs_from_symmetric_at_even_sides(side):
+    from meta.models.networks import ConvBlock
+
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(2, 3, side, side, generator=g, dtype=torch.float64)
+    blocks = {p: ConvBlock(3, 4, "none", "stride", padding=p).double() for p in ("tf_same", "symmetric")}
+    blocks["symmetric"].load_state_dict(blocks["tf_same"].state_dict())
+    conv = blocks["tf_same"].conv
+    expected = torch.relu(tf_same_reference(x, conv.weight, conv.bias, stride=2))
+    got = {p: block(x) for p, block in blocks.items()}
+    assert got["tf_same"].shape == got["symmetric"].shape == (2, 4, -(-side // 2), -(-side // 2))
+    assert torch.allclose(got["tf_same"], expected, atol=1e-12)
+    # an even side pads only the bottom and right, an odd one both sides alike: then the two paddings agree
+    assert torch.equal(got["tf_same"], got["symmetric"]) == (side % 2 == 1)
+
+
+def test_tf_same_meta_gradients_agree_under_vmap_and_loop_and_the_key_reaches_the_model(tasks):
+    cfg = load_config(["preset=maml_omniglot_5w1s"])
+    assert cfg.model.padding == "tf_same"
+    model = build_model("conv4", ways=WAYS, norm="task_bn", image_size=8, padding="tf_same",
+                        generator=torch.Generator().manual_seed(0)).double()
+    assert all(block.tf_same for block in model.features)
+    learner = meta.MetaLearner(model, meta.sgd(lr=0.3), inner_steps=2)
+    vmap, loop = (learner.meta_gradient(tasks, driver=d) for d in ("vmap", "loop"))
+    assert relative_error(vmap.grads, loop.grads) < TOL
+    with pytest.raises(ConfigError, match="model.padding=tf_same applies to the conv models only"):
+        load_config(["model.name=mlp", "model.padding=tf_same"])
+    assert load_config(["preset=maml_mlp_omniglot_5w1s"]).model.padding == "symmetric"

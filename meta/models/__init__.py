@@ -9,6 +9,7 @@ from meta.models.networks import (
     MLP,
     NORM_AFFINES,
     NORM_STATS,
+    PADDINGS,
     Conv4,
     Params,
     TaskBatchNorm,
@@ -40,11 +41,15 @@ def build_model(
     init: str = "xavier",
     conv4_head: str = "mean",
     norm_stats: str = "batch",
+    padding: str = "symmetric",
 ) -> nn.Module:
     """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
 
     ``conv4_head`` is what ``conv4``'s head reads: ``mean`` (the spatial mean of its 64 features, MAML) or
-    ``flatten`` (all 2x2x64 = 256 at 28 pixels, Reptile); the other models take only the default.
+    ``flatten`` (all 2x2x64 = 256 at 28 pixels, Reptile); the other models take only the default. ``padding`` of
+    the conv models' 3x3 convolutions (:data:`PADDINGS`): ``symmetric`` (one pixel on every side, PyTorch's) or
+    ``tf_same`` (TensorFlow's ``'SAME'``, which the strided convolutions of cbfinn/maml and supervised-reptile used);
+    the MLP takes only the default.
 
     ``norm_eps``, ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) and ``norm_stats`` (``batch``, or
     ``running``: nn.BatchNorm2d's running statistics, used in eval mode) shape the norm layers. With a
@@ -54,12 +59,14 @@ def build_model(
     options = {"eps": norm_eps, "affine": norm_affine, "stats": norm_stats}
     if name != "conv4" and conv4_head != "mean":
         raise ValueError(f"conv4_head={conv4_head!r} applies to the conv4 model only, not {name!r}")
+    if name == "mlp" and padding != "symmetric":
+        raise ValueError(f"padding={padding!r} applies to the conv models only, not {name!r}")
     if name == "conv4":
         model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size, norm_options=options,
-                      head_input=conv4_head)
+                      head_input=conv4_head, padding=padding)
     elif name == "conv4_maxpool":
         model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size,
-                      norm_options=options)
+                      norm_options=options, padding=padding)
     elif name == "mlp":
         model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm, norm_options=options)
     else:
@@ -72,6 +79,7 @@ __all__ = [
     "INIT_SCHEMES",
     "NORM_AFFINES",
     "NORM_STATS",
+    "PADDINGS",
     "norm_parameters_of",
     "TaskConv2d",
     "set_conv_impl",

@@ -292,21 +292,46 @@ def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
     return model
 
 
+#: padding of the 3x3 convolutions: ``symmetric`` (one pixel on every side) or ``tf_same`` (TensorFlow's
+#: ``'SAME'``: the total padding ``max((ceil(n / s) - 1) * s + 3 - n, 0)`` split with the extra pixel at the bottom
+#: and right, so a stride-2 convolution of an even side pads only there; the same output sizes as ``symmetric``)
+PADDINGS = ("symmetric", "tf_same")
+
+
+def tf_same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """``x`` (``[..., H, W]``) zero-padded as TensorFlow's ``'SAME'`` pads it before a ``kernel`` x ``kernel``
+    convolution of ``stride`` (tensorflow/python/ops/nn_ops.py; the extra pixel of an odd total goes after)."""
+
+    def split(n: int) -> tuple[int, int]:
+        total = max((-(-n // stride) - 1) * stride + kernel - n, 0)
+        return total // 2, total - total // 2
+
+    top, bottom = split(x.shape[-2])
+    left, right = split(x.shape[-1])
+    return F.pad(x, (left, right, top, bottom))
+
+
 class ConvBlock(nn.Module):
-    """3x3 conv, norm, ReLU, then 2x downsampling by stride or max-pool."""
+    """3x3 conv, norm, ReLU, then 2x downsampling by stride or max-pool. ``padding``: :data:`PADDINGS`."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, norm: str, downsample: str, norm_options: dict | None = None
+        self, in_channels: int, out_channels: int, norm: str, downsample: str, norm_options: dict | None = None,
+        padding: str = "symmetric",
     ) -> None:
         super().__init__()
         if downsample not in DOWNSAMPLE_CHOICES:
             raise ValueError(f"unknown downsample {downsample!r}; choose one of {DOWNSAMPLE_CHOICES}")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose one of {PADDINGS}")
         stride = 2 if downsample == "stride" else 1
-        self.conv = TaskConv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.tf_same = padding == "tf_same"
+        self.conv = TaskConv2d(in_channels, out_channels, 3, stride=stride, padding=0 if self.tf_same else 1)
         self.norm = make_norm(norm, out_channels, **(norm_options or {}))
         self.pool = nn.MaxPool2d(2) if downsample == "maxpool" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tf_same:
+            x = tf_same_pad(x, 3, self.conv.stride[0])
         return self.pool(torch.relu(self.norm(self.conv(x))))
 
 
@@ -317,7 +342,7 @@ class Conv4(nn.Module):
     features averaged over space before the head by default, or flattened with
     ``head_input="flatten"``: Reptile's 2x2x64 = 256 features); ``"maxpool"``
     is the MAML++/ProtoNets variant (padded convolutions, 2x2 max-pool,
-    always flattened). ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``).
+    always flattened). ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``); ``padding``: :data:`PADDINGS`.
     """
 
     def __init__(
@@ -330,6 +355,7 @@ class Conv4(nn.Module):
         image_size: int = 28,
         norm_options: dict | None = None,
         head_input: str | None = None,
+        padding: str = "symmetric",
     ) -> None:
         super().__init__()
         if head_input is None:  # each variant's own: MAML's spatial mean, the max-pool network's flattening
@@ -339,7 +365,7 @@ class Conv4(nn.Module):
                              f"Conv4 flatten")
         channels = [in_channels, hidden, hidden, hidden, hidden]
         self.features = nn.Sequential(
-            *(ConvBlock(channels[i], channels[i + 1], norm, downsample, norm_options) for i in range(4))
+            *(ConvBlock(channels[i], channels[i + 1], norm, downsample, norm_options, padding) for i in range(4))
         )
         self.downsample, self.head_input = downsample, head_input
         side = image_size

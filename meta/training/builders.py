@@ -107,6 +107,7 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
         init=cfg.model.init,
         conv4_head=cfg.model.conv4_head,
         norm_stats=cfg.model.norm_stats,
+        padding=cfg.model.padding,
     )
 
 

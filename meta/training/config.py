@@ -86,6 +86,10 @@ class ModelConfig:
     # what conv4's head reads: mean (the spatial mean of the last 64 feature maps: cbfinn/maml maml.py forward_conv
     # reduce_mean) | flatten (all 2x2x64 = 256 values at 28 pixels: supervised-reptile models.py L24). conv4 only
     conv4_head: str = "mean"
+    # padding of the conv models' 3x3 convolutions: symmetric (one pixel on every side, PyTorch's padding=1) |
+    # tf_same (TensorFlow's 'SAME', which cbfinn/maml's and supervised-reptile's strided convolutions used: at an
+    # even side the stride-2 convolution pads one pixel at the bottom and right only). conv4 and conv4_maxpool
+    padding: str = "symmetric"
     # statistics of task_bn: batch (each batch's own, in training and at test: transductive, MAML) | running
     # (nn.BatchNorm2d's: batch statistics in training, which update running averages with momentum 0.1 and the
     # unbiased variance; validation and test normalize with the running averages: ProtoNets' model.eval(),
@@ -269,6 +273,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.norm_affine": ("gamma_beta", "beta", "none"),
     "model.init": ("xavier", "maml", "imaml", "pytorch04"),
     "model.conv4_head": ("mean", "flatten"),
+    "model.padding": ("symmetric", "tf_same"),
     "model.norm_stats": ("batch", "running"),
     "inner.loss_reduction": ("mean", "sum_over_shots", "sum"),
     "eval.checkpoint": ("best", "last", "ensemble"),
@@ -441,6 +446,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    if cfg.model.padding != "symmetric" and cfg.model.name == "mlp":
+        raise ConfigError(f"model.padding={cfg.model.padding} applies to the conv models only, not model.name=mlp; "
+                          f"leave model.padding=symmetric")
     if cfg.model.conv4_head != "mean" and cfg.model.name != "conv4":
         raise ConfigError(f"model.conv4_head={cfg.model.conv4_head} applies to model.name=conv4 only, not "
                           f"{cfg.model.name}; leave it at mean")
