@@ -152,10 +152,18 @@ def adapt(
 ) -> Params:
     """:func:`adapt_steps` run to the end (``options``: its keyword arguments): all parameters after the last
     inner update (``params`` themselves when ``steps`` is 0)."""
+    return run_to_end(adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, **options), params)[0]
+
+
+def run_to_end(steps: Generator[Params, None, State], params: Params) -> tuple[Params, State]:
+    """Exhaust an :func:`adapt_steps` generator: the last parameters it yielded (``params`` if none) and the rule's
+    final state (its return value)."""
     adapted = params
-    for adapted in adapt_steps(forward, rule, params, rule_params, buffers, x, y, steps, **options):  # noqa: B007
-        pass
-    return adapted
+    while True:
+        try:
+            adapted = next(steps)
+        except StopIteration as stop:
+            return adapted, stop.value
 
 
 def task_loss(

@@ -10,7 +10,6 @@ reptile.py L25-26, L114, L122), which :meth:`PersistentReptileDifference.eval_fn
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from meta.algorithms.maml import check_adapted_head, inner_loop
 from meta.drivers import Direction, TaskFn
-from meta.learner import MetaLearner, OuterStrategy, Phase, adapt_steps
+from meta.learner import MetaLearner, OuterStrategy, Phase, adapt_steps, run_to_end
 from meta.models.networks import functional_forward, parameters_of
 from meta.rules.base import RULES, InnerRule, State, with_initial_state
 from meta.types import Params, Task
@@ -70,17 +69,6 @@ def state_from_entries(template: Any, entries: dict[str, Any], prefix: str = "")
     return entries[prefix[:-1]]
 
 
-def _adapted_and_state(steps: Generator[Params, None, State], params: Params) -> tuple[Params, State]:
-    """Run :func:`meta.learner.adapt_steps` to its end: the last parameters (``params`` after no step) and the
-    rule's final state (the generator's return value)."""
-    adapted = params
-    while True:
-        try:
-            adapted = next(steps)
-        except StopIteration as stop:
-            return adapted, stop.value
-
-
 class PersistentReptileDifference(nn.Module, ReptileDifference):
     """:class:`ReptileDifference` with the inner rule's state carried from task to task (in task order) and across
     meta-iterations; every validation and test task starts from the carried state and leaves it as it is (see the
@@ -124,7 +112,7 @@ class PersistentReptileDifference(nn.Module, ReptileDifference):
         def direction(params: Params, rule_params: Params, buffers: Params, task: Task) -> Direction:
             support_x, support_y, query_x, query_y = task
             start = with_initial_state(rule, self.carried(learner, rule))
-            adapted, self.state = _adapted_and_state(adapt_steps(
+            adapted, self.state = run_to_end(adapt_steps(
                 forward, start, params, rule_params, buffers, support_x, support_y, steps, loss_fn,
                 learner.inner_batch_size, learner.inner_loss_reduction), params)
             logits = forward(rule.at_step(adapted, rule_params, max(steps - 1, 0)), buffers, query_x)

@@ -119,7 +119,7 @@ class TaskSampler:
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
         self.task_pool = None if task_pool is None else _check_positive_int("task_pool", task_pool)
         if self.task_pool is not None:
-            small = max(self.pool.num_classes, self.pool.max_drawings) < 2**15
+            small = max(self._classes, self._drawings) < 2**15
             dtype = torch.int16 if small else torch.int32  # 200,000 20-way 5-shot tasks: 88 MB, not 352 in int64
             g = torch.Generator().manual_seed(int(task_pool_seed))
             chunks = [self._fresh_indices(min(_POOL_CHUNK, self.task_pool - start), g)
