@@ -316,7 +316,7 @@ while step < cfg.train.iterations and not stop_requested and not early_stop["sto
         else:
             group["lr"] = meta_lrs[step]
     learner.set_iteration(step, cfg.train.iterations)  # the learner's schedule (MAML++'s phases; none for MAML)
-    batch = samplers["train"].sample(cfg.train.meta_batch, generator)
+    batch = samplers["train"].sample(cfg.train.meta_batch, generator, first_task=step * cfg.train.meta_batch)
     loss, accuracy = meta_step((batch.support_x.to(dtype), batch.support_y, batch.query_x.to(dtype), batch.query_y))
     if cfg.driver == "auto" and step == 0 and learner.auto_driver.choices:
         bar.write(f"driver auto chose: {', '.join(learner.auto_driver.choices.values())}")

@@ -238,3 +238,91 @@ def test_tf_same_meta_gradients_agree_under_vmap_and_loop_and_the_key_reaches_th
     with pytest.raises(ConfigError, match="model.padding=tf_same applies to the conv models only"):
         load_config(["model.name=mlp", "model.padding=tf_same"])
     assert load_config(["preset=maml_mlp_omniglot_5w1s"]).model.padding == "symmetric"
+
+
+# ---- MAML's task pool, read in order (cbfinn/maml data_generator.py make_data_tensor) --------------------------
+
+
+def _rotated_pool():
+    import dataclasses
+
+    from meta.data import synthetic_pool
+
+    return dataclasses.replace(synthetic_pool(12, 6, image_size=8, seed=0), rotations=(0, 90, 180, 270))
+
+
+def test_in_order_task_pool_reads_its_tasks_in_order_from_first_task_with_fresh_rotations():
+    from meta.data import TaskSampler
+
+    pooled = TaskSampler(_rotated_pool(), 3, 1, 1, task_pool=5, task_pool_seed=2, task_pool_order="in_order")
+    g = torch.Generator().manual_seed(0)
+    for first_task, expected in ((0, [0, 1, 2]), (3, [3, 4, 0, 1]), (12, [2, 3])):  # wraps around the pool's end
+        idx = pooled.sample_indices(len(expected), g, first_task=first_task)
+        assert torch.equal(idx.classes, pooled.pool_classes[expected].long())
+        assert torch.equal(idx.drawings, pooled.pool_drawings[expected].long())
+    # a task read twice keeps its classes, labels and drawings and gets fresh rotations (data_generator.py L138)
+    twice = pooled.sample_indices(200, torch.Generator().manual_seed(1), first_task=0)  # 40 passes over 5 tasks
+    assert torch.equal(twice.classes[0], twice.classes[5]) and torch.equal(twice.drawings[0], twice.drawings[5])
+    assert len({tuple(twice.rotations[i].tolist()) for i in range(0, 200, 5)}) > 1
+    # the same pool as the random order reads (the pool is a function of task_pool_seed only)
+    random_order = TaskSampler(_rotated_pool(), 3, 1, 1, task_pool=5, task_pool_seed=2)
+    assert torch.equal(random_order.pool_classes, pooled.pool_classes)
+    with pytest.raises(ValueError, match="first_task"):
+        pooled.sample_indices(2, g, first_task=-1)
+    with pytest.raises(ValueError, match="task_pool is None"):
+        TaskSampler(_rotated_pool(), 3, 1, 1, task_pool_order="in_order")
+    with pytest.raises(ValueError, match="task_pool_order"):
+        TaskSampler(_rotated_pool(), 3, 1, 1, task_pool=5, task_pool_order="sorted")
+
+
+def test_maml_presets_read_a_200000_task_pool_in_order_and_the_key_needs_a_pool():
+    from meta.training.builders import build_samplers
+
+    for preset in ("maml_omniglot_5w1s", "maml_omniglot_5w5s", "maml_omniglot_20w1s", "maml_omniglot_20w5s",
+                   "fomaml_omniglot_5w1s", "fomaml_omniglot_20w5s", "maml_mlp_omniglot_5w1s", "maml_mlp_omniglot_5w5s"):
+        cfg = load_config([f"preset={preset}"])
+        assert (cfg.data.task_pool, cfg.data.task_pool_order) == (200000, "in_order"), preset
+    cfg = load_config(["data.dataset=synthetic", "data.task_pool=7", "data.task_pool_order=in_order"])
+    samplers = build_samplers(cfg, torch.device("cpu"))
+    assert samplers["train"].task_pool_order == "in_order" and samplers["val"].task_pool is None
+    with pytest.raises(ConfigError, match="data.task_pool_order") as error:
+        load_config(["data.task_pool_order=in_order"])
+    assert "\n" not in str(error.value)
+
+
+def test_training_reads_the_in_order_pool_from_step_times_meta_batch(tmp_path, monkeypatch):
+    """Steps of meta-batch 3 on a pool of 4 read from pool tasks 0, 3, 6 (= 0, 3, 2 mod 4): the training loop passes
+    first_task = step * meta_batch, and a run resumed after step 1 continues the same stream with the same losses."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from meta.data import TaskSampler
+
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "train_maml.py")
+    common = ["data.dataset=synthetic", "data.task_pool=4", "data.task_pool_order=in_order", "train.meta_batch=3",
+              "model.name=mlp", "dtype=float64", "driver=loop", "train.log_every=1", "train.val_every=100",
+              "train.val_tasks=2", "eval.tasks=2", "progress=false", "train.checkpoint_every=1"]
+    read_from: list[int] = []
+    sample = TaskSampler.sample
+
+    def recording_sample(self, num_tasks, generator, first_task=0):
+        if self.task_pool is not None:
+            read_from.append(first_task)
+        return sample(self, num_tasks, generator, first_task)
+
+    monkeypatch.setattr(TaskSampler, "sample", recording_sample)
+
+    def run(out, *extra):
+        monkeypatch.setattr(sys, "argv", [script, *common, f"out_dir={out}", *extra])
+        runpy.run_path(script, run_name="__main__")
+        records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        return [{k: r[k] for k in ("step", "loss", "accuracy")} for r in records if r["split"] == "train"]
+
+    whole = run(tmp_path / "whole", "train.iterations=3")
+    assert read_from == [0, 3, 6]
+    read_from.clear()
+    run(tmp_path / "part", "train.iterations=1")
+    resumed = run(tmp_path / "part", "train.iterations=3", "resume=true")
+    assert read_from == [0, 3, 6] and resumed == whole

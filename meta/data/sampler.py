@@ -16,6 +16,8 @@ from meta.types import Task
 _EVAL_CHUNK = 100
 # Tasks drawn per internal step when a ``TaskSampler`` generates its ``task_pool`` (bounds the memory of the draw).
 _POOL_CHUNK = 1000
+#: How a sampler with a task pool picks its tasks: uniformly with replacement (iMAML's code) or in order (MAML's).
+TASK_POOL_ORDERS = ("random", "in_order")
 
 
 #: A batch of ``T`` tasks: ``support_x`` float ``[T, N*K, C, H, W]`` in [0, 1], ``support_y`` long ``[T, N*K]``
@@ -69,6 +71,12 @@ class TaskSampler:
     ``task_pool_seed``; every draw then picks pool tasks uniformly with replacement (omniglot_implicit_maml.py L98)
     and draws their example orders and rotations afresh, as the code's ``OmniglotFewShotDataset.__getitem__``
     redraws a task's rotations each time it is used (dataset.py L199).
+
+    With ``task_pool_order="in_order"`` (MAML's code: cbfinn/maml data_generator.py L86-L101 lists 200,000 task
+    definitions once, L104 reads them with ``string_input_producer(shuffle=False)``, cycling through the list, and
+    L138-L143 redraw each task's rotations and example order on every read), a draw reads the pool in order: the
+    ``num_tasks`` tasks from index ``first_task`` on, wrapping around at the end. ``first_task`` (the number of
+    training tasks drawn before this batch) is the caller's; the sampler keeps no cursor.
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class TaskSampler:
         shuffle: bool = True,
         task_pool: int | None = None,
         task_pool_seed: int = 0,
+        task_pool_order: str = "random",
     ) -> None:
         self.ways = _check_positive_int("ways", ways)
         self.shots = _check_positive_int("shots", shots)
@@ -118,6 +127,11 @@ class TaskSampler:
         self._classes, self._drawings = pool.num_classes, pool.max_drawings  # (read in every sample)
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
         self.task_pool = None if task_pool is None else _check_positive_int("task_pool", task_pool)
+        if task_pool_order not in TASK_POOL_ORDERS:
+            raise ValueError(f"task_pool_order must be one of {TASK_POOL_ORDERS}, got {task_pool_order!r}")
+        if task_pool_order != "random" and self.task_pool is None:
+            raise ValueError(f"task_pool_order={task_pool_order!r} reads a task pool, but task_pool is None")
+        self.task_pool_order = task_pool_order
         if self.task_pool is not None:
             small = max(self._classes, self._drawings) < 2**15
             dtype = torch.int16 if small else torch.int32  # 200,000 20-way 5-shot tasks: 88 MB, not 352 in int64
@@ -128,7 +142,7 @@ class TaskSampler:
             self.pool_drawings = torch.cat([c.drawings.to(dtype) for c in chunks])
 
     def __repr__(self) -> str:
-        pooled = "" if self.task_pool is None else f", a pool of {self.task_pool} tasks"
+        pooled = "" if self.task_pool is None else f", a pool of {self.task_pool} tasks read {self.task_pool_order}"
         return (
             f"TaskSampler({self.ways}-way {self.shots}-shot {self.queries}-query, "
             f"{self.pool.num_classes} classes{pooled}, device={self.device})"
@@ -139,14 +153,21 @@ class TaskSampler:
             self._counts_by_device[device] = self.pool.counts.to(device)
         return self._counts_by_device[device]
 
-    def sample_indices(self, num_tasks: int, generator: torch.Generator) -> TaskIndices:
-        """Draw the indices of ``num_tasks`` tasks from ``generator`` (fresh, or picked from the task pool)."""
+    def sample_indices(self, num_tasks: int, generator: torch.Generator, first_task: int = 0) -> TaskIndices:
+        """Draw the indices of ``num_tasks`` tasks from ``generator``: fresh, or from the task pool (picked at random,
+        or read in order from index ``first_task``, the number of tasks drawn before; only an in-order pool reads
+        ``first_task``)."""
         num_tasks = _check_positive_int("num_tasks", num_tasks)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if isinstance(first_task, bool) or not isinstance(first_task, int) or first_task < 0:
+            raise ValueError(f"first_task must be a non-negative integer, got {first_task!r}")
         if self.task_pool is None:
             return self._fresh_indices(num_tasks, generator)
-        which = torch.randint(self.task_pool, (num_tasks,), generator=generator, device=generator.device)
+        if self.task_pool_order == "in_order":
+            which = (torch.arange(num_tasks, device=generator.device) + first_task % self.task_pool) % self.task_pool
+        else:
+            which = torch.randint(self.task_pool, (num_tasks,), generator=generator, device=generator.device)
         which = which.to(self.pool_classes.device)
         classes, drawings = (t[which].long().to(generator.device) for t in (self.pool_classes, self.pool_drawings))
         return self._with_orders_and_rotations(classes, drawings, generator)
@@ -207,9 +228,10 @@ class TaskSampler:
         qx, qy = part(rows[:, :, k:], self.queries, idx.query_order)
         return TaskBatch(sx, sy, qx, qy)
 
-    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
-        """Sample ``num_tasks`` tasks as one ``TaskBatch`` on the sampler's device."""
-        return self.batch_from_indices(self.sample_indices(num_tasks, generator))
+    def sample(self, num_tasks: int, generator: torch.Generator, first_task: int = 0) -> TaskBatch:
+        """Sample ``num_tasks`` tasks as one ``TaskBatch`` on the sampler's device (``first_task``: the number of
+        tasks drawn before this batch, where an in-order task pool reads from; see ``sample_indices``)."""
+        return self.batch_from_indices(self.sample_indices(num_tasks, generator, first_task))
 
 
 def evaluation_tasks(

@@ -72,9 +72,12 @@ def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSamp
     if split == "test":
         queries = task.test_queries or queries
     try:
-        pool = cfg.data.task_pool if split == "train" else None  # a fixed pool of training tasks (iMAML's code)
-        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device, task_pool=pool,
-                           task_pool_seed=cfg.data.task_pool_seed)
+        if split == "train":  # a fixed pool of training tasks (MAML's and iMAML's code)
+            pooled = {"task_pool": cfg.data.task_pool, "task_pool_seed": cfg.data.task_pool_seed,
+                      "task_pool_order": cfg.data.task_pool_order}
+        else:
+            pooled = {}
+        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device, **pooled)
     except ValueError as error:
         raise ValueError(f"{split} split: {error}") from None
 

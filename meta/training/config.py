@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from meta.data.sampler import TASK_POOL_ORDERS
 from meta.package_files import shipped_path
 
 #: the presets: configs/ of the checkout, or the copy a wheel ships (meta.package_files)
@@ -51,6 +52,9 @@ class DataConfig:
     # (iMAML's code: >= 200,000 pre-generated tasks). null: every training task fresh. Validation and test: fresh
     task_pool: int | None = None
     task_pool_seed: int = 0  # the seed the task pool is drawn from (independent of seed, as the code's one file)
+    # how batches pick tasks from data.task_pool: random (uniformly with replacement: iMAML's code) | in_order (the
+    # pool read in order from the step's first task, wrapping around: MAML's code reads its 200,000 task list so)
+    task_pool_order: str = "random"
     synthetic_classes: int = 64  # synthetic data set only
     synthetic_drawings: int = 20  # synthetic data set only
 
@@ -268,6 +272,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.dataset": ("omniglot", "mnist", "synthetic"),
     "data.resample": ("lanczos", "maml"),
     "data.rotation": ("as_class", "per_class", "none"),
+    "data.task_pool_order": TASK_POOL_ORDERS,
     "model.name": ("conv4", "conv4_maxpool", "mlp"),
     "model.norm": ("task_bn", "group", "none"),
     "model.norm_affine": ("gamma_beta", "beta", "none"),
@@ -550,6 +555,9 @@ def _validate_data(data: DictConfig) -> None:
     bad = [r for r in data.rotations if r not in (0, 90, 180, 270)]
     if bad or len(set(data.rotations)) != len(data.rotations):
         raise ConfigError(f"data.rotations={list(data.rotations)} must be distinct angles from [0, 90, 180, 270]")
+    if data.task_pool_order != "random" and data.task_pool is None:
+        raise ConfigError(f"data.task_pool_order={data.task_pool_order} reads a task pool, but data.task_pool is null; "
+                          f"set data.task_pool (e.g. 200000) or leave data.task_pool_order=random")
     unknown = [s for s in data.rotate_splits if s not in SPLIT_NAMES]
     if unknown:
         raise ConfigError(f"data.rotate_splits has unknown split(s) {unknown}; expected some of {list(SPLIT_NAMES)}")
