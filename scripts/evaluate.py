@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from meta.data import DataError
-from meta.evaluation import evaluate_learner
+from meta.evaluation import evaluate_learner, records_every_step
 from meta.training.builders import (
     build_inner_rule,
     build_learner,
@@ -130,7 +130,7 @@ test = evaluate_learner(
     tested, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
     batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
     rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size, per_task=True,
-    transductive=cfg.eval.transductive,
+    transductive=cfg.eval.transductive, per_step=records_every_step(tested, cfg.eval.transductive),
 )
 results = {"test": test, "checkpoint": str(path), "step": state["step"], **run_metadata(cfg, device),
            "test_wall_time_s": time.perf_counter() - start}

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from meta.data import DataError
 from meta.data.cache import remove_stale_temporaries
-from meta.evaluation import evaluate_learner
+from meta.evaluation import evaluate_learner, records_every_step
 from meta.training.builders import (
     build_inner_rule,
     build_learner,
@@ -270,6 +270,7 @@ def evaluate(split: str, num_tasks: int, seed: int, model=None) -> dict:
         batch_size=cfg.eval.batch_size,
         inner_steps=test_steps, rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size,
         per_task=split == "test",  # results.json keeps each test task's accuracy (paired comparisons)
+        per_step=split == "test" and records_every_step(learner if model is None else model, cfg.eval.transductive),
         dist=dist_ctx,  # several processes: each evaluates its share of the batches, gathered in task order
         transductive=cfg.eval.transductive,
     )
@@ -417,4 +418,7 @@ ref = cfg.reference
 ci = f" ± {ref.ci95}" if ref.ci95 is not None else ""  # some papers give no interval
 paper = f" | paper: {ref.accuracy}{ci}% ({ref.source})" if ref.accuracy is not None else ""
 print(f"test accuracy ({chosen}): {test['accuracy']:.2f} ± {test['ci95']:.2f}% over {test['tasks']} tasks{paper}")
+if "steps" in test:  # cbfinn/maml's test() prints every step's column
+    columns = ", ".join(f"{s['step']}: {s['accuracy']:.2f}" for s in test["steps"])
+    print(f"test accuracy after each inner step: {columns}")
 print(f"results: {(out_dir / 'results.json').resolve()}  curves: {(out_dir / 'curves.png').resolve()}")

@@ -326,3 +326,50 @@ def test_training_reads_the_in_order_pool_from_step_times_meta_batch(tmp_path, m
     run(tmp_path / "part", "train.iterations=1")
     resumed = run(tmp_path / "part", "train.iterations=3", "resume=true")
     assert read_from == [0, 3, 6] and resumed == whole
+
+
+# ---- the test accuracy after every inner step (cbfinn/maml main.py test(): one CSV column per step) ------------
+
+
+@pytest.mark.parametrize("preset", ["maml_omniglot_5w1s", "metasgd_omniglot_5w1s", "mamlpp_omniglot_5w1s",
+                                    "anil_omniglot_5w1s"])
+def test_step_metrics_column_s_is_the_evaluation_after_s_inner_steps(tasks, preset):
+    """One adaptation gives every column; column s must equal a separate evaluation with s inner steps (float64;
+    the same operations on the same values, so equal up to the last bit, up to rounding in the vmapped batch)."""
+    from meta.evaluation import records_every_step, step_metrics
+
+    cfg = load_config([f"preset={preset}", "data.dataset=synthetic", "data.image_size=8", "model.name=mlp",
+                       "model.padding=symmetric", "inner.test_steps=4"])
+    learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+    assert records_every_step(learner)
+    rule = build_inner_rule(cfg, test=True)
+    losses, accuracies = step_metrics(learner, tasks, inner_steps=4, rule=rule)
+    assert losses.shape == accuracies.shape == (tasks[0].shape[0], 5)
+    for s in range(5):
+        loss, accuracy = learner.evaluate(tasks, inner_steps=s, rule=rule)
+        assert torch.equal(accuracies[:, s], accuracy)
+        torch.testing.assert_close(losses[:, s], loss, rtol=1e-13, atol=0)
+    assert not torch.equal(losses[:, 0], losses[:, -1])  # the columns differ: adaptation changes the query loss
+
+
+def test_per_step_record_in_the_test_result_and_refused_where_adaptation_is_not_the_plain_loop():
+    from meta.data import synthetic_pool
+    from meta.data.sampler import TaskSampler
+    from meta.evaluation import evaluate_learner, records_every_step
+
+    cfg = load_config(["preset=maml_omniglot_5w1s", "data.dataset=synthetic", "data.image_size=8", "model.name=mlp",
+                       "model.padding=symmetric", "inner.test_steps=3"])
+    learner = build_learner(cfg, torch.float64, torch.device("cpu"))
+    sampler = TaskSampler(synthetic_pool(10, 4, image_size=8), 5, 1, 1)
+    common = {"num_tasks": 12, "seed": 3, "batch_size": 5, "inner_steps": 3, "dtype": torch.float64}
+    plain = evaluate_learner(learner, sampler, **common)
+    stepped = evaluate_learner(learner, sampler, per_step=True, **common)
+    assert [s["step"] for s in stepped["steps"]] == [0, 1, 2, 3]
+    last = stepped.pop("steps")[-1]
+    assert stepped == plain and (last["accuracy"], last["ci95"]) == (plain["accuracy"], plain["ci95"])
+    proto = build_learner(load_config(["preset=protonets_omniglot_5w1s", "data.dataset=synthetic",
+                                       "data.image_size=16"]), torch.float64, torch.device("cpu"))
+    assert not records_every_step(proto) and not records_every_step([learner, learner])
+    assert not records_every_step(learner, transductive=False)
+    with pytest.raises(ValueError, match="per_step"):
+        evaluate_learner(proto, sampler, per_step=True, **common)
