@@ -96,7 +96,8 @@ def reference(tmp_path_factory) -> Path:
 def test_two_ranks_reproduce_the_one_process_run(reference, tmp_path):
     two = launch(2, *ODD, "train.iterations=6", f"out_dir={tmp_path}")
     assert "2 processes (gloo)" in two.stdout
-    assert two.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    assert two.stdout.count("test accuracy (") == 1  # rank 0 alone prints the test line
+    assert two.stdout.count("test accuracy after each inner step") == 1  # and the per-step line
     assert_same_run(tmp_path, reference)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["processes"] == 2 and len(results["test"]["task_accuracies"]) == 20

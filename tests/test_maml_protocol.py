@@ -373,3 +373,17 @@ def test_per_step_record_in_the_test_result_and_refused_where_adaptation_is_not_
     assert not records_every_step(learner, transductive=False)
     with pytest.raises(ValueError, match="per_step"):
         evaluate_learner(proto, sampler, per_step=True, **common)
+
+
+BORROW_MAMLS_ALPHA = ["metasgd_omniglot_5w1s", "metasgd_omniglot_5w5s", "metasgd_omniglot_20w1s",
+                      "metasgd_omniglot_20w5s", "anil_omniglot_5w1s", "anil_omniglot_20w1s", "anil_omniglot_20w5s",
+                      "metacurvature_omniglot_5w1s", "clipped_sgd_omniglot_5w1s"]
+
+
+@pytest.mark.parametrize("preset", BORROW_MAMLS_ALPHA)
+def test_presets_that_borrow_mamls_step_size_borrow_its_loss_scale(preset):
+    """MAML's alpha (0.4 at 5-way, 0.1 at 20-way) steps on cbfinn/maml's loss summed over the K shots; a preset
+    borrowing the number on the mean loss would step N times less (20x for ANIL's fixed step at 20-way)."""
+    cfg, maml = load_config([f"preset={preset}"]), load_config(["preset=maml_omniglot_5w1s"])
+    assert cfg.inner.lr == (0.4 if cfg.task.ways == 5 else 0.1)
+    assert cfg.inner.loss_reduction == maml.inner.loss_reduction == "sum_over_shots"

@@ -298,3 +298,34 @@ def test_readme_blocks_need_their_markers_and_collect_refuses_training_arguments
     proc = run_script("reproduce.py", "maml_omniglot", "--collect", str(folder), "--readme", str(readme))
     assert proc.returncode != 0 and "<!-- reproduce.py maml_omniglot -->" in proc.stderr.splitlines()[-1]
     assert readme.read_text() == "# no markers\n"  # nothing written
+
+
+# ---- paper_step: the inner-step column the paper printed (cbfinn/maml test() records steps 0..10) -------------
+
+
+def test_paper_step_reads_the_runs_step_column_with_the_last_step_beside_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from meta.training.tables import aggregate_cell, markdown_table
+
+    spec = load_table(write_spec(tmp_path / "steps.yaml", [cell("s", "maml_omniglot_5w1s", paper_step=3)]))
+    assert spec.cells[0].paper_step == 3
+    run = tmp_path / "s" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(load_config(["preset=maml_omniglot_5w1s"])))
+    steps = [{"step": s, "accuracy": 20.0 + 7 * s, "ci95": 1.0 + s / 10, "loss": 1.0} for s in range(11)]
+    test = {"accuracy": 90.0, "ci95": 2.0, "loss": 0.3, "tasks": 600, "steps": steps}
+    (run / "results.json").write_text(json.dumps({"test": test}))
+    row = aggregate_cell(spec.cells[0], [run])
+    assert (row["accuracy"], row["ci95_mean"], row["step"]) == (41.0, 1.3, 3)
+    assert (row["last_step_accuracy"], row["last_step"]) == (90.0, [10]) and row["protocol"] == "as published"
+    assert "41.00 ± 1.30 (step 3; after 10: 90.00 ± 2.00)" in markdown_table(spec, [row], "cmd")
+    # a run without the per-step record: ours is the last step's, and the protocol column says so
+    (run / "results.json").write_text(json.dumps({"test": {k: v for k, v in test.items() if k != "steps"}}))
+    row = aggregate_cell(spec.cells[0], [run])
+    assert row["accuracy"] == 90.0 and row["step"] is None and "step 3 not recorded" in row["protocol"]
+    for bad in (-1, "3", 11):  # 11: beyond the preset's inner.test_steps=10
+        with pytest.raises(TableError, match="paper_step"):
+            load_table(write_spec(tmp_path / "bad.yaml", [cell("b", "maml_omniglot_5w1s", paper_step=bad)]))
+    maml = load_table(REPO / "experiments/tables/maml_omniglot.yaml").cells
+    assert [c.paper_step for c in maml] == [3, 3, 5, 5, 3, 3]  # App. A.1: 3 steps at 5-way, 5 at 20-way

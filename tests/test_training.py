@@ -76,7 +76,11 @@ def test_cli_smoke_on_synthetic_data(tmp_path):
     assert "test accuracy" in evaluated.stdout
     again = json.loads((out / f"results_{Path(chosen).stem}.json").read_text())["test"]
     assert again.pop("task_accuracies") == test["task_accuracies"]  # the same tasks, each scored the same
-    assert again == pytest.approx({k: v for k, v in test.items() if k != "task_accuracies"}, rel=1e-12)
+    again_steps, test_steps = again.pop("steps"), test["steps"]
+    assert [s["step"] for s in again_steps] == [s["step"] for s in test_steps] == list(range(len(test_steps)))
+    for a, b in zip(again_steps, test_steps):
+        assert a == pytest.approx(b, rel=1e-12)
+    assert again == pytest.approx({k: v for k, v in test.items() if k not in ("task_accuracies", "steps")}, rel=1e-12)
 
     # a second run into the same folder is refused instead of overwriting it
     refused = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}", check=False)

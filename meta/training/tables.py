@@ -32,7 +32,7 @@ IGNORED_KEYS = ("seed", "device", "out_dir", "resume", "progress", "data.root", 
 IGNORED_PREFIXES = ("reference.",)
 #: --minutes: a short timed run per cell; its first log window (the auto driver's choice, warm-up) is dropped
 PROBE_ITERATIONS, PROBE_LOG_EVERY = 12, 4
-_CELL_KEYS = {"name", "preset", "overrides", "paper", "source", "requires", "deviations", "retrain"}
+_CELL_KEYS = {"name", "preset", "overrides", "paper", "paper_step", "source", "requires", "deviations", "retrain"}
 #: what the runner adds to a two-stage cell's retraining (stage 2) besides the cell's ``retrain`` overrides: its
 #: iterations from stage 1 (:func:`retrain_iterations`), no early stopping, and one validation, at its end, for the
 #: log (ProtoNets' trainval run has no validation loader: prototypical-networks train.py L39-42)
@@ -64,6 +64,10 @@ class Cell:
     # the number of iterations stage 1's early stopping gives (retrain_iterations) and is the one tested; empty:
     # one stage
     retrain: list[str] = field(default_factory=list)
+    # the test-time inner step whose accuracy the paper printed, where the code records every step (cbfinn/maml's
+    # test() writes steps 0..10 and the paper's text names the column): ours is read from that column of the runs'
+    # per-step record (results.json test.steps), with the accuracy after the last step beside it; null: the last
+    paper_step: int | None = None
 
 
 @dataclass
@@ -114,10 +118,17 @@ def load_table(path: Path | str) -> TableSpec:
         unknown = [k for k in requires if OmegaConf.select(defaults, k, default=_MISSING) is _MISSING]
         if unknown:
             raise TableError(f"{where}: requires names {unknown}, which are not config keys")
+        paper_step = item.get("paper_step")
+        if paper_step is not None and (isinstance(paper_step, bool) or not isinstance(paper_step, int)
+                                       or paper_step < 0):
+            raise TableError(f"{where}: paper_step must be a non-negative integer (an inner-step column), got "
+                             f"{paper_step!r}")
+        if paper_step is not None and paper_step > load_config([f"preset={item['preset']}"]).inner.test_steps:
+            raise TableError(f"{where}: paper_step={paper_step} is beyond the preset's inner.test_steps")
         cells.append(Cell(name=str(item["name"]), preset=str(item["preset"]), paper_accuracy=float(paper["accuracy"]),
                           paper_pm=None if paper.get("pm") is None else float(paper["pm"]),
                           pm_kind=paper["pm_kind"], source=dict(item["source"]), overrides=overrides,
-                          requires=requires, deviations=list(deviations), retrain=retrain))
+                          requires=requires, deviations=list(deviations), retrain=retrain, paper_step=paper_step))
     names = [c.name for c in cells]
     if not cells or len(set(names)) != len(names):
         raise TableError(f"{path}: cells must be a non-empty list with distinct names, got {names}")
@@ -335,25 +346,45 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
     results = [json.loads((d / "results.json").read_text()) for d in done]
     configs = [OmegaConf.load(d / "config.yaml") for d in done]
     statuses = [run_status(cell, d) for d in done]
-    accuracies = [r["test"]["accuracy"] for r in results]
+    columns = [paper_column(cell, r["test"]) for r in results]
+    accuracies = [c["accuracy"] for c in columns]
     mean = sum(accuracies) / len(accuracies)
     std = (math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
            if len(accuracies) > 1 else None)
     labels = sorted({s["label"] for s in statuses})
+    unrecorded = sum(c["step"] is None for c in columns) if cell.paper_step is not None else 0
+    if unrecorded:  # ours is then the last step's accuracy, and the protocol column says so
+        labels = [f"{label}; step {cell.paper_step} not recorded in {unrecorded} run(s) (no per-step record): "
+                  f"ours after the last step" for label in labels]
     within = None if cell.paper_pm is None else abs(mean - cell.paper_accuracy) <= cell.paper_pm
+    last = [r["test"]["accuracy"] for r in results]
     return {
-        **row, "accuracy": mean, "std_over_seeds": std,
-        "seeds": [{"seed": c.seed, "accuracy": r["test"]["accuracy"], "ci95": r["test"]["ci95"],
-                   "tasks": r["test"]["tasks"],
+        **row, "accuracy": mean, "std_over_seeds": std, "paper_step": cell.paper_step,
+        "step": columns[0]["step"] if not unrecorded else None,
+        "last_step": sorted({int(c.inner.test_steps) for c in configs}),
+        "last_step_accuracy": sum(last) / len(last),
+        "last_step_ci95_mean": sum(r["test"]["ci95"] for r in results) / len(results),
+        "seeds": [{"seed": c.seed, "accuracy": col["accuracy"], "ci95": col["ci95"], "step": col["step"],
+                   "last_step_accuracy": r["test"]["accuracy"], "tasks": r["test"]["tasks"],
                    "train_wall_time_s": r.get("train_wall_time_s"), "config_hash": r.get("config_hash"),
                    "git_commit": r.get("git_commit"), "device": r.get("device"),
                    **({"stage1": st["stage1"]} if "stage1" in st else {})}
-                  for r, c, st in zip(results, configs, statuses)],
-        "ci95_mean": sum(r["test"]["ci95"] for r in results) / len(results),
+                  for r, c, st, col in zip(results, configs, statuses, columns)],
+        "ci95_mean": sum(c["ci95"] for c in columns) / len(columns),
         "iterations": sorted({s["iterations"] for s in statuses}),
         "preset_iterations": statuses[0]["preset_iterations"],
         "protocol": " | ".join(labels), "within_paper": within,
     }
+
+
+def paper_column(cell: Cell, test: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy and CI of a run's test result that the cell compares with the paper: after ``cell.paper_step``
+    inner steps where the run recorded every step (``step`` says which), else after the last (``step`` None)."""
+    if cell.paper_step is not None:
+        for entry in test.get("steps", []):
+            if entry["step"] == cell.paper_step:
+                return {"accuracy": entry["accuracy"], "ci95": entry["ci95"], "step": cell.paper_step}
+    return {"accuracy": test["accuracy"], "ci95": test["ci95"], "step": None}
 
 
 def _pm(value: float | None, kind: str) -> str:
@@ -365,7 +396,8 @@ def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) ->
     """The table as Markdown: ours (mean ± mean task CI, std over seeds) next to the paper's, with the protocol."""
     lines = [
         f"# {spec.title}", "", f"Source: {spec.source}", "", f"Produced by `{command}`.", "",
-        "Ours: mean test accuracy over seeds ± the mean of the seeds' 95% task CIs; std over seeds (n-1). "
+        "Ours: mean test accuracy over seeds ± the mean of the seeds' 95% task CIs, after the inner step the paper "
+        "printed where the spec names it (then the last step's beside it); std over seeds (n-1). "
         "Paper: its number ± its interval ((std) where the paper's ± is a std over seeds, (?) where the paper does "
         "not say what its ± is).", "",
         "| cell | preset | ours (%) | std over seeds | seeds | paper (%) | within paper's ± | protocol |",
@@ -373,6 +405,10 @@ def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) ->
     ]
     for r in rows:
         ours = "–" if r["accuracy"] is None else f"{r['accuracy']:.2f} ± {r['ci95_mean']:.2f}"
+        if r["accuracy"] is not None and r.get("step") is not None:  # the paper's column, then the last step's
+            steps = "/".join(map(str, r["last_step"]))
+            ours += (f" (step {r['step']}; after {steps}: {r['last_step_accuracy']:.2f} ± "
+                     f"{r['last_step_ci95_mean']:.2f})")
         std = "–" if r.get("std_over_seeds") is None else f"{r['std_over_seeds']:.2f}"
         within = {None: "–", True: "yes", False: "no"}[r["within_paper"]]
         paper = f"{r['paper']:.2f}{_pm(r['paper_pm'], r['pm_kind'])}"
