@@ -48,6 +48,11 @@ INTENDED_CHANGES = {
     "imaml_omniglot_5w1s": {"imaml.formulation": "code", "imaml.regu_coef": 1.0, "imaml.lam_damping": 10.0,
                             "imaml.cg_tol": 1e-10, "train.adam_eps": 1e-3, "model.conv4_head": "flatten",
                             "model.init": "imaml", "data.task_pool": 200000},
+    # presets that borrow MAML's inner step size put it on MAML's loss scale: cbfinn/maml's inner loss is summed
+    # over the K shots of each class (utils.py xent divides by update_batch_size only), so alpha=0.4 on the mean
+    # loss would be an N-times smaller step at N ways
+    **{preset: {"inner.loss_reduction": "sum_over_shots"} for preset in (
+        "anil_omniglot_5w1s", "clipped_sgd_omniglot_5w1s", "metacurvature_omniglot_5w1s", "metasgd_omniglot_5w1s")},
 }
 
 
