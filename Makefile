@@ -2,9 +2,9 @@
 #   make train       create .venv on first use, install the package, download Omniglot if it is missing
 #                    (md5-checked, into $META_DATA_ROOT or ~/.cache/meta/data), train the default preset
 #   make test        the same install plus the test tools and learn2learn, then the whole test suite
-#                    (about 10 minutes of tests on a 2-core AMD EPYC CPU with nothing else running)
-#   make test-fast   the same, without the tests marked slow (CLI end to end, benchmarks, real data, faults;
-#                    about 4 minutes on that CPU)
+#                    (9:57 of tests in the clean-clone CI run of b50ce13 on this project's 2-core AMD EPYC CPU)
+#   make test-fast   the same, without the tests marked slow (CLI end to end, benchmarks, real data, faults);
+#                    its time on that CPU is in the README's Development section
 # The versions of torch and torchvision come from constraints.txt (the exact ones this project tests with);
 # setup.cfg declares the wider range the code supports.
 VENV ?= .venv
