@@ -41,7 +41,7 @@ from meta.training.builders import (
     resolve_dtype,
     test_inner_steps,
 )
-from meta.training.cli_help import script_help
+from meta.training.cli_help import DEFAULT_PRESET, info_text
 from meta.training.config import ConfigError, check_resume_config, load_config
 from meta.training.cuda_graph import GraphedMetaStep
 from meta.training.distributed import (
@@ -74,11 +74,10 @@ from meta.training.run_log import (
 )
 from meta.training.sweep import expand_sweep, summarize_sweep, summary_line, sweep_axes
 
-DEFAULT_PRESET = "omniglot_5w1s_quick"
-
 # ---- configuration and the run folder (nothing is written before the data loads) ------------
-if {"-h", "--help"} & set(sys.argv[1:]):  # every key and preset, generated from meta/training/config.py
-    print(script_help(__doc__))
+info = info_text(__doc__, sys.argv[1:], DEFAULT_PRESET)  # --help, --list-presets: from meta/training/config.py
+if info is not None:
+    print(info)
     sys.exit(0)
 try:
     sweep = sweep_axes(sys.argv[1:])  # seed=0,1,2 and other comma lists

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from meta.training.cli_help import config_keys
+from meta.training.cli_help import DEFAULT_PRESET, config_keys, info_text
 from meta.training.config import CHOICES, EVAL_KEYS, available_presets, load_config
 from tests.test_training import run_cli
 
@@ -24,7 +24,8 @@ def test_train_help_lists_every_key_with_its_meaning_and_every_preset():
         if key in CHOICES:
             assert "{" + ", ".join(map(str, CHOICES[key])) + "}" in line
     for preset in available_presets():
-        assert any(ln.startswith(f"  {preset}: ") and len(ln) > len(preset) + 10 for ln in lines), preset
+        name = f"{preset} (default)" if preset == DEFAULT_PRESET else preset
+        assert any(ln.startswith(f"  {name}: ") and len(ln) > len(name) + 10 for ln in lines), preset
 
 
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
@@ -49,3 +50,22 @@ def test_show_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
 def test_evaluate_help_names_the_keys_that_apply_to_a_saved_run():
     proc = run_cli("evaluate.py", "--help")
     assert all(key in proc.stdout for key in EVAL_KEYS)
+
+
+def test_list_presets_names_every_preset_and_marks_the_default():
+    listed = info_text("doc", ["--list-presets"]).splitlines()
+    assert [name.removesuffix(" (default)") for name in listed] == available_presets()
+    assert f"{DEFAULT_PRESET} (default)" in listed and DEFAULT_PRESET in available_presets()
+    assert info_text("doc", ["preset=maml_omniglot_5w1s", "seed=1"]) is None  # a command line that trains
+
+
+def test_help_states_the_default_preset_not_null():
+    text = info_text("doc", ["--help"])
+    assert text.startswith("doc\n") and f"  preset (str | None, default {DEFAULT_PRESET})" in text
+    assert f"  {DEFAULT_PRESET} (default): " in text
+
+
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+def test_train_list_presets_on_the_command_line():
+    proc = run_cli("train_maml.py", "--list-presets")
+    assert proc.stdout.splitlines() == info_text("doc", ["--list-presets"]).splitlines()

@@ -31,6 +31,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                            "-w", str(root / "dist"), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Warning" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]  # the build is quiet
     (path,) = (root / "dist").glob("*.whl")
     return path
 
@@ -86,6 +87,25 @@ def test_installed_wheel_runs_its_entry_points(wheel: Path, tmp_path: Path) -> N
     spec = subprocess.run([str(bin_dir / "meta-reproduce"), "maml_omniglot", "--only", "nope"], capture_output=True,
                           text=True, env=env, cwd=tmp_path)
     assert "not cells of maml_omniglot; its cells: ['conv_5w1s'" in spec.stderr  # the table spec ships too
+
+
+def test_install_requires_is_a_range_and_constraints_pin_versions_inside_it() -> None:
+    from packaging.requirements import Requirement
+
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(REPO / "setup.cfg")
+    lines = setup_cfg["options"]["install_requires"].split("\n")
+    required = {r.name: r for r in map(Requirement, filter(None, lines))}
+    pinned = {r.name: r for line in (REPO / "constraints.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#") for r in [Requirement(line)]}
+    assert set(pinned) == {"torch", "torchvision"}
+    for name, pin in pinned.items():
+        (spec,) = pin.specifier
+        assert spec.operator == "==", f"constraints.txt: {name} is not an exact version"
+        assert not any(s.operator == "==" for s in required[name].specifier), f"setup.cfg pins {name} exactly"
+        assert required[name].specifier.contains(spec.version), f"{name}=={spec.version} is outside setup.cfg's range"
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and "make test" in (REPO / ".ci" / "run").read_text()
 
 
 def _import_graph() -> dict[str, set[str]]:

@@ -25,15 +25,16 @@ def test_readme_api_example_runs(capsys):
     assert "tensor" in capsys.readouterr().out
 
 
-def test_readme_first_experiment_runs(tmp_path, monkeypatch):
+def test_readme_first_experiment_runs(tmp_path, monkeypatch, capsys):
     """The "Write your first experiment" code as printed, on synthetic data for 3 iterations and 10 test tasks."""
     import matplotlib
 
     matplotlib.use("Agg")
     text = README.read_text()
     code = re.search(r"## Write your first experiment\n.*?```python\n(.*?)```", text, re.S).group(1)
-    replacements = {'"preset=maml_omniglot_5w1s",': '"preset=maml_omniglot_5w1s", "data.dataset=synthetic",',
-                    "range(300)": "range(3)", "num_tasks=100": "num_tasks=10", "batch_size=50": "batch_size=5"}
+    replacements = {'"preset=omniglot_5w1s_quick",': '"preset=omniglot_5w1s_quick", "data.dataset=synthetic",',
+                    "range(1, 401)": "range(1, 4)", "step % 50 == 0": "step % 3 == 0",
+                    "num_tasks=100": "num_tasks=10", "batch_size=50": "batch_size=5"}
     for old, new in replacements.items():
         assert code.count(old) == 1, f"the README example no longer has {old!r}"
         code = code.replace(old, new)
@@ -44,9 +45,11 @@ def test_readme_first_experiment_runs(tmp_path, monkeypatch):
 
     plt.close("all")
     cfg, losses, test = namespace["cfg"], namespace["losses"], namespace["test"]
-    assert (cfg.preset, cfg.inner.steps, cfg.train.meta_batch, cfg.inner.loss_reduction) == (
-        "maml_omniglot_5w1s", 2, 8, "sum_over_shots")  # the preset, with the two knobs changed
+    assert (cfg.preset, cfg.inner.steps, cfg.train.meta_batch, cfg.train.iterations) == (
+        "omniglot_5w1s_quick", 2, 16, 600)  # the preset, with the two knobs changed
     assert len(losses) == 3 and all(loss > 0 for loss in losses) and 0 <= test["accuracy"] <= 100
+    printed = capsys.readouterr().out
+    assert "step 3: query loss " in printed and "s in all" in printed  # progress, then the test result
     assert (tmp_path / "first_experiment.png").read_bytes()[:4] == b"\x89PNG"
     # the inheritance example is a preset that loads
     preset = re.search(r"```yaml\n(# My variant.*?)```", text, re.S).group(1)

@@ -258,27 +258,33 @@ def test_runner_end_to_end_on_synthetic_data_with_a_resume(tmp_path):
     assert run_action(partial) == "resume"
 
 
-# ---- the README's Results tables are the runner's output ----------------------------------------------------
+# ---- the Results tables of the README and docs/reproducing.md are the runner's output --------------------------
 
-README_TABLES = re.findall(r"^<!-- reproduce\.py (\S+) -->\nWritten by `python scripts/reproduce\.py ([^`]*)`",
-                           (REPO / "README.md").read_text(), flags=re.M)
+TABLE_FILES = ("README.md", "docs/reproducing.md")  # the files whose marked blocks reproduce.py --readme writes
+README_TABLES = [(name, table, command) for name in TABLE_FILES
+                 for table, command in re.findall(r"^<!-- reproduce\.py (\S+) -->\nWritten by `python "
+                                                  r"scripts/reproduce\.py ([^`]*)`", (REPO / name).read_text(),
+                                                  flags=re.M)]
 
 
 def test_the_readme_results_section_holds_runner_tables():
-    assert {name for name, _ in README_TABLES} >= {"maml_omniglot", "fomaml_omniglot"}
+    assert {table for name, table, _ in README_TABLES if name == "README.md"} >= {"maml_omniglot"}
+    assert {table for name, table, _ in README_TABLES if name == "docs/reproducing.md"} >= {
+        "maml_omniglot", "fomaml_omniglot"}
 
 
-@pytest.mark.parametrize(("table", "command"), README_TABLES, ids=[name for name, _ in README_TABLES])
-def test_each_readme_results_table_is_what_the_runner_writes_from_the_committed_runs(tmp_path, table, command):
+@pytest.mark.parametrize(("name", "table", "command"), README_TABLES,
+                         ids=[f"{name}:{table}" for name, table, _ in README_TABLES])
+def test_each_readme_results_table_is_what_the_runner_writes_from_the_committed_runs(tmp_path, name, table, command):
     # a hand edit of the block, a committed run that changed, or a preset that no longer matches its runs' configs
-    # (the protocol column) makes the README differ from the runner's output
-    copy = tmp_path / "README.md"
-    copy.write_text((REPO / "README.md").read_text())
+    # (the protocol column) makes the file differ from the runner's output
+    copy = tmp_path / Path(name).name
+    copy.write_text((REPO / name).read_text())
     args = command.split()
     assert args[0] == table and "--collect" in args
     proc = run_script("reproduce.py", *args, "--readme", str(copy))
     assert proc.returncode == 0, proc.stderr
-    assert copy.read_text() == (REPO / "README.md").read_text()
+    assert copy.read_text() == (REPO / name).read_text()
     block = copy.read_text().split(f"<!-- reproduce.py {table} -->")[1].split(f"<!-- end reproduce.py {table} -->")[0]
     assert "| ours (%) |" in block and any(row.startswith("| ") and " ± " in row for row in block.splitlines()[4:])
 
