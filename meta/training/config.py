@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from meta.data.sampler import TASK_POOL_ORDERS
+from meta.models.networks import ACTIVATIONS, LEAKY_RELU_SLOPE
 from meta.package_files import shipped_path
 
 #: the presets: configs/ of the checkout, or the copy a wheel ships (meta.package_files)
@@ -285,7 +286,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.init": ("xavier", "maml", "imaml", "pytorch04"),
     "model.conv4_head": ("mean", "flatten"),
     "model.padding": ("symmetric", "tf_same"),
-    "model.activation": ("relu", "leaky_relu"),
+    "model.activation": ACTIVATIONS,
     "model.norm_stats": ("batch", "running"),
     "inner.loss_reduction": ("mean", "sum_over_shots", "sum"),
     "eval.checkpoint": ("best", "last", "ensemble"),
@@ -461,9 +462,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.padding != "symmetric" and cfg.model.name == "mlp":
         raise ConfigError(f"model.padding={cfg.model.padding} applies to the conv models only, not model.name=mlp; "
                           f"leave model.padding=symmetric")
-    if cfg.model.activation == "relu" and cfg.model.activation_slope != 0.01:
+    if cfg.model.activation == "relu" and cfg.model.activation_slope != LEAKY_RELU_SLOPE:
         raise ConfigError(f"model.activation_slope={cfg.model.activation_slope} applies to model.activation=leaky_relu "
-                          f"only; leave it at 0.01 with relu")
+                          f"only; leave it at {LEAKY_RELU_SLOPE} with relu")
     if not 0.0 <= cfg.model.activation_slope < 1.0:
         raise ConfigError(f"model.activation_slope must be in [0, 1), got {cfg.model.activation_slope}")
     if cfg.model.conv4_head != "mean" and cfg.model.name != "conv4":
