@@ -27,6 +27,9 @@ EXPECTED = {
     **{f"reptile_omniglot_{c}": ("reptile", "as_class", ["train", "val"], "maml", False)
        for c in ("5w5s", "20w1s", "20w5s")},
     **{f"mamlpp_omniglot_{c}": ("mamlpp", "per_class", ["train"], "maml", False) for c in ("5w5s", "20w1s", "20w5s")},
+    # MAML++'s configs of today (HEAD 8696470): the same data protocol as the paper-era presets they extend
+    **{f"mamlpp_omniglot_{c}_2019": ("mamlpp", "per_class", ["train"], "maml", False)
+       for c in ("5w1s", "5w5s", "20w1s", "20w5s")},
     **{f"imaml_omniglot_{c}": ("imaml", "per_class", ["train", "val", "test"], "lanczos", False)
        for c in ("5w5s", "20w1s", "20w5s")},
 }

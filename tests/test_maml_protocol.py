@@ -387,3 +387,46 @@ def test_presets_that_borrow_mamls_step_size_borrow_its_loss_scale(preset):
     cfg, maml = load_config([f"preset={preset}"]), load_config(["preset=maml_omniglot_5w1s"])
     assert cfg.inner.lr == (0.4 if cfg.task.ways == 5 else 0.1)
     assert cfg.inner.loss_reduction == maml.inner.loss_reduction == "sum_over_shots"
+
+
+# ---- citations of cbfinn/maml and MAML's alpha on a mean loss ---------------------------------------------------
+
+
+def _preset_lines(preset: str) -> list[str]:
+    from meta.training.config import CONFIG_DIR
+
+    return (CONFIG_DIR / f"{preset}.yaml").read_text().splitlines()
+
+
+def test_the_omniglot_data_generator_is_cited_at_main_py_l251_not_the_sinusoid_branch():
+    """cbfinn/maml main.py L237-238 is the sinusoid branch (DataGenerator for FLAGS.datasource == 'sinusoid'); the
+    Omniglot one, DataGenerator(FLAGS.update_batch_size*2, ...), is L251."""
+    from meta.training.config import available_presets
+
+    cited = {p: line for p in available_presets() for line in _preset_lines(p) if "DataGenerator(" in line}
+    assert {"maml_omniglot_5w1s", "maml_omniglot_5w5s", "maml_omniglot_20w5s", "maml_mlp_omniglot_5w5s"} <= set(cited)
+    assert all("main.py:L251" in line and "L238" not in line for line in cited.values()), cited
+
+
+def test_no_spec_credits_cbfinn_mamls_readme_with_commands():
+    """cbfinn/maml's README.md has no commands (L16: "see the usage instructions at the top of main.py"); the
+    40,000-iteration Omniglot lines were main.py's usage text before a7f45f1 made them 60,000."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "experiments/tables/maml_omniglot.yaml").read_text()
+    assert "README commands" not in text and "a7f45f1" in text and "README.md L16" in text
+
+
+@pytest.mark.parametrize("preset", ["omniglot_5w1s_quick", "mnist_cross_domain_5w1s", "mnist_cross_domain_10w1s",
+                                    "mnist_cross_domain_5w5s", "mnist_within_5w1s"])
+def test_presets_with_mamls_lr_on_the_mean_loss_say_so(preset):
+    """These presets take MAML's 0.4 with the library's mean inner loss, not cbfinn/maml's loss summed over the K
+    shots (N x the step on the mean): the lr line of the file that sets it says so, and none claims MAML's protocol."""
+    from meta.training.config import preset_layers
+
+    cfg = load_config([f"preset={preset}"])
+    assert (cfg.inner.lr, cfg.inner.loss_reduction) == (0.4, "mean")
+    setter = next(name for name, layer in reversed(preset_layers(preset)) if "lr" in layer.get("inner", {}))
+    lr_line = next(line for line in _preset_lines(setter) if line.strip().startswith("lr:"))
+    assert "mean" in lr_line.lower() and "sum_over_shots" in " ".join(_preset_lines(setter)), (setter, lr_line)
+    assert not any("Same protocol as maml_omniglot_5w1s" in line for line in _preset_lines(preset))

@@ -80,7 +80,8 @@ def test_the_mamlpp_presets_schedule_per_epoch_of_500() -> None:
     assert lr == cfg.train.meta_lr and torch.equal(weights, msl_weights(5, 0.0).float())
     learner.set_iteration(500, cfg.train.iterations)
     assert meta_lr_at(cfg, 500) < lr
-    assert torch.equal(learner.phase.step_weights, msl_weights(5, 0.1).float())
+    # epoch 1 of the multi-step loss's mamlpp.msl_iterations / 500 epochs (20 in the paper-era presets)
+    assert torch.equal(learner.phase.step_weights, msl_weights(5, 500 / cfg.mamlpp.msl_iterations).float())
 
 
 # ---- the ensemble -------------------------------------------------------------------------------

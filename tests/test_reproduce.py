@@ -108,7 +108,7 @@ def test_reptile_rows_share_presets_and_differ_in_the_paper_number_and_transduct
         # the rows differ in eval.transductive (reptile.py L126-133), a key: neither lists it as a deviation
         assert (trans.requires["eval.transductive"], non.requires["eval.transductive"]) == (True, False)
         assert "eval.transductive=false" in non.overrides and trans.deviations == non.deviations
-        assert {c.pm_kind for c in (trans, non)} == {"unstated"}  # papers.md C2: not a 95% task CI
+        assert {c.pm_kind for c in (trans, non)} == {"unstated"}  # docs/protocols.md#reptile: not a 95% task CI
     # the non-transductive cell's overrides (eval.transductive=false and the paper's number) are its protocol, not a
     # deviation from it; the same run labelled against the bare preset does deviate
     non = cells["nontransductive_5w1s"]

@@ -4,8 +4,10 @@ import torch
 from torch import nn
 
 from meta.models.networks import (
+    ACTIVATIONS,
     CONV_IMPLS,
     INIT_SCHEMES,
+    LEAKY_RELU_SLOPE,
     MLP,
     NORM_AFFINES,
     NORM_STATS,
@@ -42,6 +44,8 @@ def build_model(
     conv4_head: str = "mean",
     norm_stats: str = "batch",
     padding: str = "symmetric",
+    activation: str = "relu",
+    activation_slope: float = LEAKY_RELU_SLOPE,
 ) -> nn.Module:
     """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
 
@@ -49,7 +53,8 @@ def build_model(
     ``flatten`` (all 2x2x64 = 256 at 28 pixels, Reptile); the other models take only the default. ``padding`` of
     the conv models' 3x3 convolutions (:data:`PADDINGS`): ``symmetric`` (one pixel on every side, PyTorch's) or
     ``tf_same`` (TensorFlow's ``'SAME'``, which the strided convolutions of cbfinn/maml and supervised-reptile used);
-    the MLP takes only the default.
+    the MLP takes only the default. ``activation`` (:data:`ACTIVATIONS`) follows every hidden layer's norm:
+    ``relu`` (MAML's) or ``leaky_relu`` with negative slope ``activation_slope`` (MAML++'s ``F.leaky_relu``, 0.01).
 
     ``norm_eps``, ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) and ``norm_stats`` (``batch``, or
     ``running``: nn.BatchNorm2d's running statistics, used in eval mode) shape the norm layers. With a
@@ -57,24 +62,27 @@ def build_model(
     ``maml``); without one, PyTorch's default initialization draws from the global RNG.
     """
     options = {"eps": norm_eps, "affine": norm_affine, "stats": norm_stats}
+    act = {"activation": activation, "slope": activation_slope}
     if name != "conv4" and conv4_head != "mean":
         raise ValueError(f"conv4_head={conv4_head!r} applies to the conv4 model only, not {name!r}")
     if name == "mlp" and padding != "symmetric":
         raise ValueError(f"padding={padding!r} applies to the conv models only, not {name!r}")
     if name == "conv4":
         model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size, norm_options=options,
-                      head_input=conv4_head, padding=padding)
+                      head_input=conv4_head, padding=padding, **act)
     elif name == "conv4_maxpool":
         model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size,
-                      norm_options=options, padding=padding)
+                      norm_options=options, padding=padding, **act)
     elif name == "mlp":
-        model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm, norm_options=options)
+        model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm, norm_options=options, **act)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of conv4, conv4_maxpool, mlp")
     return model if generator is None else initialize(model, generator, init)
 
 
 __all__ = [
+    "ACTIVATIONS",
+    "LEAKY_RELU_SLOPE",
     "CONV_IMPLS",
     "INIT_SCHEMES",
     "NORM_AFFINES",

@@ -292,6 +292,35 @@ def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
     return model
 
 
+#: activation after each hidden layer's norm: ``relu`` (MAML's, and every model's default) or ``leaky_relu``
+#: (MAML++'s: ``F.leaky_relu`` with PyTorch's default negative slope 0.01, AntreasAntoniou/HowToTrainYourMAMLPytorch
+#: meta_neural_network_architectures.py L383, L426)
+ACTIVATIONS = ("relu", "leaky_relu")
+#: PyTorch's default negative slope of ``F.leaky_relu``, the one MAML++ uses
+LEAKY_RELU_SLOPE = 0.01
+
+
+class Activation(nn.Module):
+    """The hidden layers' nonlinearity by name (:data:`ACTIVATIONS`); ``slope`` is leaky_relu's negative slope.
+    Parameter-free, so it changes no parameter name and every driver maps it as it maps ``torch.relu``."""
+
+    def __init__(self, kind: str = "relu", slope: float = LEAKY_RELU_SLOPE) -> None:
+        super().__init__()
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {kind!r}; choose one of {ACTIVATIONS}")
+        if kind == "relu" and slope != LEAKY_RELU_SLOPE:
+            raise ValueError(f"a negative slope ({slope}) applies to activation leaky_relu only, not relu")
+        if not 0.0 <= slope < 1.0:
+            raise ValueError(f"leaky_relu slope must be in [0, 1), got {slope}")
+        self.kind, self.slope = kind, slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if self.kind == "relu" else F.leaky_relu(x, self.slope)
+
+    def extra_repr(self) -> str:
+        return self.kind if self.kind == "relu" else f"{self.kind}, slope={self.slope}"
+
+
 #: padding of the 3x3 convolutions: ``symmetric`` (one pixel on every side) or ``tf_same`` (TensorFlow's
 #: ``'SAME'``: the total padding ``max((ceil(n / s) - 1) * s + 3 - n, 0)`` split with the extra pixel at the bottom
 #: and right, so a stride-2 convolution of an even side pads only there; the same output sizes as ``symmetric``)
@@ -312,11 +341,12 @@ def tf_same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv, norm, ReLU, then 2x downsampling by stride or max-pool. ``padding``: :data:`PADDINGS`."""
+    """3x3 conv, norm, activation (ReLU by default), then 2x downsampling by stride or max-pool. ``padding``:
+    :data:`PADDINGS`; ``activation``: :class:`Activation` (``relu`` or ``leaky_relu`` with ``slope``)."""
 
     def __init__(
         self, in_channels: int, out_channels: int, norm: str, downsample: str, norm_options: dict | None = None,
-        padding: str = "symmetric",
+        padding: str = "symmetric", activation: str = "relu", slope: float = LEAKY_RELU_SLOPE,
     ) -> None:
         super().__init__()
         if downsample not in DOWNSAMPLE_CHOICES:
@@ -327,12 +357,13 @@ class ConvBlock(nn.Module):
         self.tf_same = padding == "tf_same"
         self.conv = TaskConv2d(in_channels, out_channels, 3, stride=stride, padding=0 if self.tf_same else 1)
         self.norm = make_norm(norm, out_channels, **(norm_options or {}))
+        self.activation = Activation(activation, slope)
         self.pool = nn.MaxPool2d(2) if downsample == "maxpool" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tf_same:
             x = tf_same_pad(x, 3, self.conv.stride[0])
-        return self.pool(torch.relu(self.norm(self.conv(x))))
+        return self.pool(self.activation(self.norm(self.conv(x))))
 
 
 class Conv4(nn.Module):
@@ -342,7 +373,8 @@ class Conv4(nn.Module):
     features averaged over space before the head by default, or flattened with
     ``head_input="flatten"``: Reptile's 2x2x64 = 256 features); ``"maxpool"``
     is the MAML++/ProtoNets variant (padded convolutions, 2x2 max-pool,
-    always flattened). ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``); ``padding``: :data:`PADDINGS`.
+    always flattened). ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``); ``padding``: :data:`PADDINGS`;
+    ``activation`` and ``slope``: :class:`Activation`.
     """
 
     def __init__(
@@ -356,6 +388,8 @@ class Conv4(nn.Module):
         norm_options: dict | None = None,
         head_input: str | None = None,
         padding: str = "symmetric",
+        activation: str = "relu",
+        slope: float = LEAKY_RELU_SLOPE,
     ) -> None:
         super().__init__()
         if head_input is None:  # each variant's own: MAML's spatial mean, the max-pool network's flattening
@@ -365,7 +399,8 @@ class Conv4(nn.Module):
                              f"Conv4 flatten")
         channels = [in_channels, hidden, hidden, hidden, hidden]
         self.features = nn.Sequential(
-            *(ConvBlock(channels[i], channels[i + 1], norm, downsample, norm_options, padding) for i in range(4))
+            *(ConvBlock(channels[i], channels[i + 1], norm, downsample, norm_options, padding, activation, slope)
+              for i in range(4))
         )
         self.downsample, self.head_input = downsample, head_input
         side = image_size
@@ -387,7 +422,7 @@ class Conv4(nn.Module):
 
 class MLP(nn.Module):
     """MAML's fully connected network: 256-128-64-64 hidden units, norm, ReLU, N-way head.
-    ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``)."""
+    ``norm_options`` go to :func:`make_norm` (``eps``, ``affine``); ``activation``, ``slope``: :class:`Activation`."""
 
     def __init__(
         self,
@@ -396,12 +431,14 @@ class MLP(nn.Module):
         hidden: tuple[int, ...] = (256, 128, 64, 64),
         norm: str = "task_bn",
         norm_options: dict | None = None,
+        activation: str = "relu",
+        slope: float = LEAKY_RELU_SLOPE,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), make_norm(norm, h, **(norm_options or {})), nn.ReLU()]
+            layers += [nn.Linear(width, h), make_norm(norm, h, **(norm_options or {})), Activation(activation, slope)]
             width = h
         self.features = nn.Sequential(*layers)
         self.embedding_dim = width

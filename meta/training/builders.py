@@ -111,6 +111,8 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
         conv4_head=cfg.model.conv4_head,
         norm_stats=cfg.model.norm_stats,
         padding=cfg.model.padding,
+        activation=cfg.model.activation,
+        activation_slope=cfg.model.activation_slope,
     )
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from meta.data.sampler import TASK_POOL_ORDERS
+from meta.models.networks import ACTIVATIONS, LEAKY_RELU_SLOPE
 from meta.package_files import shipped_path
 
 #: the presets: configs/ of the checkout, or the copy a wheel ships (meta.package_files)
@@ -94,6 +95,12 @@ class ModelConfig:
     # tf_same (TensorFlow's 'SAME', which cbfinn/maml's and supervised-reptile's strided convolutions used: at an
     # even side the stride-2 convolution pads one pixel at the bottom and right only). conv4 and conv4_maxpool
     padding: str = "symmetric"
+    # nonlinearity after each hidden layer's norm: relu (MAML's: cbfinn/maml utils.py L26 conv_block tf.nn.relu) |
+    # leaky_relu (MAML++'s F.leaky_relu: AntreasAntoniou/HowToTrainYourMAMLPytorch
+    # meta_neural_network_architectures.py L383, L426). Every model
+    activation: str = "relu"
+    # negative slope of leaky_relu (PyTorch's F.leaky_relu default, MAML++'s: 0.01); relu takes only the default
+    activation_slope: float = 0.01
     # statistics of task_bn: batch (each batch's own, in training and at test: transductive, MAML) | running
     # (nn.BatchNorm2d's: batch statistics in training, which update running averages with momentum 0.1 and the
     # unbiased variance; validation and test normalize with the running averages: ProtoNets' model.eval(),
@@ -279,6 +286,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.init": ("xavier", "maml", "imaml", "pytorch04"),
     "model.conv4_head": ("mean", "flatten"),
     "model.padding": ("symmetric", "tf_same"),
+    "model.activation": ACTIVATIONS,
     "model.norm_stats": ("batch", "running"),
     "inner.loss_reduction": ("mean", "sum_over_shots", "sum"),
     "eval.checkpoint": ("best", "last", "ensemble"),
@@ -454,6 +462,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.padding != "symmetric" and cfg.model.name == "mlp":
         raise ConfigError(f"model.padding={cfg.model.padding} applies to the conv models only, not model.name=mlp; "
                           f"leave model.padding=symmetric")
+    if cfg.model.activation == "relu" and cfg.model.activation_slope != LEAKY_RELU_SLOPE:
+        raise ConfigError(f"model.activation_slope={cfg.model.activation_slope} applies to model.activation=leaky_relu "
+                          f"only; leave it at {LEAKY_RELU_SLOPE} with relu")
+    if not 0.0 <= cfg.model.activation_slope < 1.0:
+        raise ConfigError(f"model.activation_slope must be in [0, 1), got {cfg.model.activation_slope}")
     if cfg.model.conv4_head != "mean" and cfg.model.name != "conv4":
         raise ConfigError(f"model.conv4_head={cfg.model.conv4_head} applies to model.name=conv4 only, not "
                           f"{cfg.model.name}; leave it at mean")

@@ -51,7 +51,7 @@ class Cell:
     name: str
     preset: str
     paper_accuracy: float
-    paper_pm: float | None  # the ± printed next to it (null when the paper gives none)
+    paper_pm: float | None  # the ± printed next to it (null when the paper gives none, or see pm_note)
     pm_kind: str  # one of PM_KINDS
     source: dict[str, str]  # paper, table, code
     # key=value applied on top of the preset: part of the cell's protocol (e.g. eval.transductive=false for the
@@ -68,6 +68,9 @@ class Cell:
     # test() writes steps 0..10 and the paper's text names the column): ours is read from that column of the runs'
     # per-step record (results.json test.steps), with the accuracy after the last step beside it; null: the last
     paper_step: int | None = None
+    # what the paper's ± is, in words, where the spec records its kind but not its value (``pm: null`` with a
+    # ``pm_kind`` other than none: e.g. MAML++'s std over 3 runs, whose values were not verified from the paper)
+    pm_note: str | None = None
 
 
 @dataclass
@@ -98,8 +101,16 @@ def load_table(path: Path | str) -> TableSpec:
         paper = item["paper"]
         if not isinstance(paper, dict) or "accuracy" not in paper or paper.get("pm_kind") not in PM_KINDS:
             raise TableError(f"{where}: paper needs accuracy and pm_kind (one of {PM_KINDS})")
-        if (paper.get("pm") is None) != (paper["pm_kind"] == "none"):
-            raise TableError(f"{where}: paper.pm must be given unless paper.pm_kind is none")
+        pm_note = paper.get("pm_note")
+        if pm_note is not None and (not isinstance(pm_note, str) or not pm_note.strip() or paper.get("pm") is not None
+                                    or paper["pm_kind"] == "none"):
+            raise TableError(f"{where}: paper.pm_note says what an unrecorded ± is: a sentence, with pm null and a "
+                             f"pm_kind other than none")
+        if paper.get("pm") is None and paper["pm_kind"] != "none" and pm_note is None:
+            raise TableError(f"{where}: paper.pm must be given unless paper.pm_kind is none (or paper.pm_note says "
+                             f"why its value is not recorded)")
+        if paper.get("pm") is not None and paper["pm_kind"] == "none":
+            raise TableError(f"{where}: paper.pm is given, so paper.pm_kind cannot be none")
         if not {"paper", "table", "code"} <= set(item["source"] or {}):
             raise TableError(f"{where}: source needs paper, table and code")
         overrides, retrain = list(item.get("overrides") or []), list(item.get("retrain") or [])
@@ -128,7 +139,8 @@ def load_table(path: Path | str) -> TableSpec:
         cells.append(Cell(name=str(item["name"]), preset=str(item["preset"]), paper_accuracy=float(paper["accuracy"]),
                           paper_pm=None if paper.get("pm") is None else float(paper["pm"]),
                           pm_kind=paper["pm_kind"], source=dict(item["source"]), overrides=overrides,
-                          requires=requires, deviations=list(deviations), retrain=retrain, paper_step=paper_step))
+                          requires=requires, deviations=list(deviations), retrain=retrain, paper_step=paper_step,
+                          pm_note=pm_note))
     names = [c.name for c in cells]
     if not cells or len(set(names)) != len(names):
         raise TableError(f"{path}: cells must be a non-empty list with distinct names, got {names}")
@@ -338,7 +350,8 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
     done = [d for d in run_dirs if (d / "results.json").is_file()]
     row: dict[str, Any] = {
         "cell": cell.name, "preset": cell.preset, "paper": cell.paper_accuracy, "paper_pm": cell.paper_pm,
-        "pm_kind": cell.pm_kind, "source": cell.source, "seeds_done": len(done), "seeds_planned": len(run_dirs),
+        "pm_kind": cell.pm_kind, "pm_note": cell.pm_note, "source": cell.source, "seeds_done": len(done),
+        "seeds_planned": len(run_dirs),
         "known_deviations": cell.deviations,
     }
     if not done:
@@ -388,8 +401,11 @@ def paper_column(cell: Cell, test: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pm(value: float | None, kind: str) -> str:
-    return "" if value is None else f" ± {value:.2f}" + {"task_ci95": "", "seed_std": " (std)", "unstated": " (?)"}.get(
-        kind, "")
+    """The paper's ± as the table prints it; ``± ?`` where the spec records its kind but not its value."""
+    if kind == "none":
+        return ""
+    number = "?" if value is None else f"{value:.2f}"
+    return f" ± {number}" + {"task_ci95": "", "seed_std": " (std)", "unstated": " (?)"}[kind]
 
 
 def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) -> str:
@@ -399,7 +415,8 @@ def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) ->
         "Ours: mean test accuracy over seeds ± the mean of the seeds' 95% task CIs, after the inner step the paper "
         "printed where the spec names it (then the last step's beside it); std over seeds (n-1). "
         "Paper: its number ± its interval ((std) where the paper's ± is a std over seeds, (?) where the paper does "
-        "not say what its ± is).", "",
+        "not say what its ± is)." + (" ± ?: the spec records the kind of the paper's ± but not its value (see Sources)."
+                                  if any(r.get("pm_note") for r in rows) else ""), "",
         "| cell | preset | ours (%) | std over seeds | seeds | paper (%) | within paper's ± | protocol |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -416,7 +433,7 @@ def markdown_table(spec: TableSpec, rows: list[dict[str, Any]], command: str) ->
                      f"| {paper} | {within} | {r['protocol']} |")
     lines += ["", "Sources:", ""]
     lines += [f"- {r['cell']}: {r['source']['paper']}, {r['source']['table']}; code: {r['source']['code']}"
-              for r in rows]
+              + (f"; the paper's ±: {r['pm_note']}" if r.get("pm_note") else "") for r in rows]
     iterations = [f"{r['cell']}: {', '.join(map(str, r['iterations']))}" for r in rows if r.get("iterations")]
     if iterations:
         lines += ["", "Training iterations per cell (pass `--only CELL --iterations N` to repeat one): "
