@@ -32,6 +32,7 @@ from meta.training.distributed import (
     check_distributable,
     one_line_errors,
 )
+from meta.training.errors import RunError
 from meta.training.run_log import load_checkpoint
 from meta.training.tables import train_command
 from tests.test_faults import run_script
@@ -231,8 +232,8 @@ def _worker(rank: int, folder: str) -> None:
     out["auto_choices"] = list(learner.auto_driver.choices.values())
     try:  # a check that fails on one rank only ends both, with that rank's message
         ctx.agree("disk full" if rank == 1 else None)
-    except SystemExit as stop:
-        out["agree"] = str(stop.code)
+    except RunError as stop:
+        out["agree"] = str(stop)
     torch.save(out, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
 

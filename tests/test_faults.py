@@ -46,7 +46,7 @@ def run_script(script: str, *args: str) -> str | None:
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as stop:
-        return str(stop.code)
+        return None if stop.code in (0, None) else str(stop.code)
     finally:
         sys.argv = argv
         signal.signal(signal.SIGINT, handler)
