@@ -127,6 +127,20 @@ def test_resume_keeps_the_auto_drivers_choice(tmp_path):
     assert resumed["step"] == 6 and list(resumed["auto_choices"].values()) == ["loop"]
 
 
+def start_training(*args: str) -> subprocess.Popen:
+    """scripts/train_maml.py in a process of its own (signals and locks need one), its output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, str(REPO / "scripts/train_maml.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(out_dir: Path, count: int, timeout_s: float = 120) -> None:
+    """Wait until ``out_dir``'s metrics.jsonl holds ``count`` lines (the run is training)."""
+    metrics, deadline = out_dir / "metrics.jsonl", time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < count):
+        time.sleep(0.05)
+
+
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"

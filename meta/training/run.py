@@ -55,6 +55,7 @@ from meta.training.distributed import (
     rank_device,
 )
 from meta.training.errors import RunError, RunInterrupted
+from meta.training.lock import run_folder_lock
 from meta.training.run_log import (
     CheckpointError,
     MetricsLog,
@@ -189,6 +190,12 @@ def stop_on_signals(signals: list[int], second_stops_at_once: bool) -> Iterator[
 
 
 # ---- opening the run folder ----------------------------------------------------------------------------------------
+def already_holds_a_run(out_dir: Path) -> str:
+    """The refusal of a new run in a folder that holds files of another one."""
+    return (f"{out_dir} already holds a run ({', '.join(existing_run_files(out_dir)[:6])}); pass resume=true to "
+            f"continue it, overwrite=true to replace it, or choose another out_dir")
+
+
 def open_run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None) -> tuple[DictConfig, Any, list[str]]:
     """Check ``out_dir`` and load the checkpoint to resume: the config, the saved state (or None), the keys changed
     on resume. On resume the config is the saved one with ``overrides`` (the command line's way), or, when
@@ -202,8 +209,7 @@ def open_run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] | None) ->
         raise RunError(f"config error: {problem}")
     if not cfg.resume:
         if existing_run_files(out_dir) and not cfg.overwrite:
-            raise RunError(f"{out_dir} already holds a run ({', '.join(existing_run_files(out_dir)[:6])}); pass "
-                           f"resume=true to continue it, overwrite=true to replace it, or choose another out_dir")
+            raise RunError(already_holds_a_run(out_dir))
         return cfg, None, []
     ckpt_path = out_dir / "checkpoint.pt"
     if not ckpt_path.exists():
@@ -247,47 +253,58 @@ class _Run:
 
     def __init__(self, config: DictConfig, dist_ctx: DistContext, overrides: Sequence[str] | None,
                  command: str | None) -> None:
-        self.dist_ctx = dist_ctx
+        self.config, self.overrides, self.dist_ctx = config, overrides, dist_ctx
         self.out_dir = run_folder(config)
         self.ckpt_path, self.best_path = self.out_dir / "checkpoint.pt", self.out_dir / "best.pt"
         self.command = command if command is not None else "meta.train (from Python; the config: config.yaml)"
-        self.cfg, self.resumed_state, self.changed = self._open(config, overrides)
+        self.locked = False  # whether this process holds out_dir's lock (rank 0 only)
 
-    def _open(self, config: DictConfig, overrides: Sequence[str] | None) -> tuple[DictConfig, Any, list[str]]:
-        """:func:`open_run` on rank 0, its result (or its error) on every rank."""
+    def run(self) -> RunResult:
+        """Open the run folder (holding its lock until the end), set up, train, test: the whole run."""
+        with contextlib.ExitStack() as self.held:
+            self.cfg, self.resumed_state, self.changed = self._open()
+            self._set_up()
+            self._restore_or_start()
+            signals: list[int] = []  # the signals this process received
+            meta_step, stop_requested = choose_meta_step(self.cfg, self.learner, self.optimizer, self.dist_ctx,
+                                                         signals)
+            self.first_bad_step = torch.tensor(math.inf, device=self.device)  # the first non-finite step
+            self.bar = tqdm(total=self.cfg.train.iterations, initial=self.step,
+                            disable=not (self.cfg.progress and self.dist_ctx.is_main), dynamic_ncols=True)
+            if self.resumed_state is None:  # a step-0 checkpoint: a run stopped from here on can be resumed
+                self.checkpoint()
+            # (torchrun passes the terminal's Ctrl-C on as a second SIGINT: under it, every signal only asks to stop)
+            with stop_on_signals(signals, second_stops_at_once=self.dist_ctx.world == 1):
+                self._train(meta_step, stop_requested)
+                if stop_requested:
+                    self.checkpoint()
+                    self.bar.close()
+                    name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
+                    detail = "" if signals and signals[0] == signal.SIGINT else f" ({name})"
+                    raise RunInterrupted(f"\ninterrupted{detail}: checkpoint saved at step {self.step}; continue "
+                                         f"with the same command plus resume=true", self.step,
+                                         signals[0] if signals else 0)
+                self.bar.close()
+                return self._test()
+
+    def _open(self) -> tuple[DictConfig, Any, list[str]]:
+        """:func:`open_run` on rank 0 (after taking the lock of an existing out_dir, so that no other process
+        reads or writes it meanwhile), its result (or its error) on every rank."""
         opened, problem = None, None
         if self.dist_ctx.is_main:
             try:
-                opened = open_run(config, self.out_dir, overrides)
+                if self.out_dir.is_dir():
+                    self._lock()
+                opened = open_run(self.config, self.out_dir, self.overrides)
             except RunError as error:
                 problem = str(error)
         self.dist_ctx.agree(problem)  # every rank ends with rank 0's message
         return self.dist_ctx.broadcast_object(opened)  # other ranks need no access to out_dir
 
-    def run(self) -> RunResult:
-        """Set up, train, test: the whole run."""
-        self._set_up()
-        self._restore_or_start()
-        signals: list[int] = []  # the signals this process received
-        meta_step, stop_requested = choose_meta_step(self.cfg, self.learner, self.optimizer, self.dist_ctx, signals)
-        self.first_bad_step = torch.tensor(math.inf, device=self.device)  # the first step with non-finite values
-        self.bar = tqdm(total=self.cfg.train.iterations, initial=self.step,
-                        disable=not (self.cfg.progress and self.dist_ctx.is_main), dynamic_ncols=True)
-        if self.resumed_state is None:  # a step-0 checkpoint: a run stopped at any point from here on can resume
-            self.checkpoint()
-        # (torchrun passes the terminal's Ctrl-C on as a second SIGINT: under it, every signal only asks to stop)
-        with stop_on_signals(signals, second_stops_at_once=self.dist_ctx.world == 1):
-            self._train(meta_step, stop_requested)
-            if stop_requested:
-                self.checkpoint()
-                self.bar.close()
-                name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
-                detail = "" if signals and signals[0] == signal.SIGINT else f" ({name})"
-                raise RunInterrupted(f"\ninterrupted{detail}: checkpoint saved at step {self.step}; continue with "
-                                     f"the same command plus resume=true", self.step,
-                                     signals[0] if signals else 0)
-            self.bar.close()
-            return self._test()
+    def _lock(self) -> None:
+        """Hold out_dir's lock until the run ends (:func:`run_folder_lock`); a RunError if another process has it."""
+        self.held.enter_context(run_folder_lock(self.out_dir))
+        self.locked = True
 
     # ---- set-up: data, model, optimizer (nothing is written before the data loads) ---------------------------
     def _set_up(self) -> None:
@@ -322,13 +339,20 @@ class _Run:
             self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", tensorboard=cfg.log.tensorboard)
         except ConfigError as error:  # log.tensorboard=true without the tensorboard package
             raise RunError(f"config error: {error}") from None
-        try:
-            if dist_ctx.is_main:
+        problem = None
+        if dist_ctx.is_main:
+            try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-            dist_ctx.agree(None)
-        except OSError as error:
-            dist_ctx.agree(f"config error: cannot create out_dir {self.out_dir} ({error.strerror}); choose another "
+                if not self.locked:  # a new folder: locked now; another process may have started in it meanwhile
+                    self._lock()
+                    if not cfg.resume and not cfg.overwrite and existing_run_files(self.out_dir):
+                        raise RunError(already_holds_a_run(self.out_dir))
+            except OSError as error:
+                problem = (f"config error: cannot create out_dir {self.out_dir} ({error.strerror}); choose another "
                            f"out_dir")
+            except RunError as error:
+                problem = str(error)
+        dist_ctx.agree(problem)
         for stale in remove_stale_temporaries(self.out_dir) if dist_ctx.is_main else []:  # a kill during a save
             print(f"removed {stale.name}, left by an interrupted save")
         if cfg.overwrite and not cfg.resume and dist_ctx.is_main:
@@ -604,11 +628,19 @@ def evaluate(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str
     path. Raises :class:`RunError` with a one-line message on any problem."""
     overrides = list(overrides)
     path = Path(path)
-    folder = path.is_dir()  # a run folder: its checkpoint.pt holds the config and the list of top checkpoints
     try:
         check_eval_overrides(overrides)
     except ConfigError as error:
         raise RunError(f"config error: {error}") from None
+    if not path.exists():  # load_checkpoint names it
+        return _evaluate(path, overrides)
+    with run_folder_lock(path if path.is_dir() else path.parent,
+                         advice="evaluate it when that run has finished (or copy the checkpoint elsewhere)"):
+        return _evaluate(path, overrides)
+
+
+def _evaluate(path: Path, overrides: list[str]) -> dict[str, Any]:
+    folder = path.is_dir()  # a run folder: its checkpoint.pt holds the config and the list of top checkpoints
     try:
         state = load_checkpoint(path / "checkpoint.pt" if folder else path)
     except CheckpointError as error:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from meta.data.cache import atomic_torch_save, atomic_write
 from meta.package_files import checkout_root
 from meta.training.config import ConfigError, config_hash
+from meta.training.lock import LOCK_FILE
 
 
 class CheckpointError(ValueError):
@@ -340,10 +341,11 @@ def check_out_dir(out_dir: Path) -> str | None:
 
 
 def existing_run_files(out_dir: Path) -> list[str]:
-    """Names of the entries in ``out_dir`` other than leftover temporary files (empty if it does not exist)."""
+    """Names of the entries in ``out_dir`` other than leftover temporary files and the lock file (empty if it does
+    not exist)."""
     if not out_dir.is_dir():
         return []
-    return sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".tmp"))
+    return sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".tmp") and p.name != LOCK_FILE)
 
 
 def remove_run_files(out_dir: Path) -> list[str]:
