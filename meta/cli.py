@@ -25,7 +25,8 @@ A comma list sweeps: seed=0,1,2 runs one run per value into out_dir/seed=0, ... 
 Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.png, results.json (and with
 eval.checkpoint=ensemble the top validation checkpoints top_step*.pt).
 Ctrl-C, SIGTERM (a scheduler's) and SIGHUP (a closed terminal) finish the current step, save a checkpoint and
-exit with status 1; the same command plus resume=true continues the run. One process at a time uses a run folder
+exit with status 1; the same command plus resume=true continues the run (Slurm: sbatch --signal=TERM@120 sends
+SIGTERM two minutes before the time limit, and a requeued job's script can append resume=true). One process at a time uses a run folder
 (an OS lock on out_dir/.lock, released when the process ends in any way): a second one is refused, naming the first.
 Several processes, GPUs or machines: python -m torch.distributed.run --nproc_per_node N {script} ...
 (one run; rank 0 writes every output; see the README's "Scaling out").

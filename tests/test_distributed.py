@@ -292,3 +292,25 @@ def test_shares_cover_the_meta_batch_contiguously():
             assert [s.start for s in shares] == [0, *(s.stop for s in shares[:-1])] and shares[-1].stop == total
             sizes = [s.stop - s.start for s in shares]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    """A scheduler's SIGTERM to torchrun (which passes it on to every rank): all ranks stop after the same step,
+    rank 0 saves, the message says how to resume, and the resumed run equals the uninterrupted one."""
+    from tests.test_training import wait_for_records
+
+    args = [*ODD, "train.iterations=30", "train.val_every=30", "train.checkpoint_every=30"]
+    out = tmp_path / "terminated"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*train_command(REPO / "scripts/train_maml.py", 2), *args, f"out_dir={out}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_records(out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stopped = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert proc.returncode != 0 and 3 <= stopped < 30
+    assert f"interrupted (SIGTERM): checkpoint saved at step {stopped}; continue with the same command plus " \
+           f"resume=true" in err, err[-3000:]
+    launch(1, *args, f"out_dir={out}", "resume=true")
+    launch(1, *args, f"out_dir={tmp_path / 'one'}")
+    assert_same_run(out, tmp_path / "one")

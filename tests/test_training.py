@@ -141,25 +141,37 @@ def wait_for_records(out_dir: Path, count: int, timeout_s: float = 120) -> None:
         time.sleep(0.05)
 
 
+#: a run long enough to be stopped by a signal in the middle (40 steps, validated and checkpointed at the end)
+SIGNALLED = [*PINNED, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The 40-step run of SIGNALLED, in this process: what every signalled and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("signals") / "full"
+    meta.train(meta.load_config(overrides=[*SIGNALLED, f"out_dir={out}"]))
+    return out
+
+
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
-def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    args = [*PINNED, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
-    run_cli("train_maml.py", *args, f"out_dir={full}")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/train_maml.py"), *args, f"out_dir={interrupted}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = interrupted / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(signum, uninterrupted, tmp_path):
+    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP all finish the step, save, say how to resume
+    and exit with status 1; the resumed run equals the uninterrupted one."""
+    interrupted = tmp_path / "interrupted"
+    proc = start_training(*SIGNALLED, f"out_dir={interrupted}")
+    wait_for_records(interrupted, 3)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "checkpoint saved at step" in err
     stopped = torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"]
+    named = "" if signum == signal.SIGINT else f" ({signum.name})"
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert f"interrupted{named}: checkpoint saved at step {stopped}; continue with the same command plus " \
+           f"resume=true" in err
     assert 3 <= stopped < 40
-    run_cli("train_maml.py", *args, f"out_dir={interrupted}", "resume=true")
-    assert train_records(interrupted) == train_records(full)
+    args = [*SIGNALLED, f"out_dir={interrupted}", "resume=true"]
+    meta.train(meta.load_config(overrides=args), overrides=args)  # what the same command plus resume=true runs
+    assert train_records(interrupted) == train_records(uninterrupted)
 
 
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
