@@ -36,7 +36,7 @@ from meta.training.errors import RunError
 from meta.training.run_log import load_checkpoint
 from meta.training.tables import train_command
 from tests.test_faults import run_script
-from tests.test_training import REPO, train_records
+from tests.test_training import REPO, run_cli, train_records
 
 ARGS = [
     "data.dataset=synthetic", "data.synthetic_classes=20", "train.log_every=1", "train.val_every=3",
@@ -104,9 +104,7 @@ def test_two_ranks_reproduce_the_one_process_run(reference, tmp_path):
     assert results["processes"] == 2 and len(results["test"]["task_accuracies"]) == 20
     # the test set was evaluated sharded over the 2 ranks: one process on the same weights gets exactly that
     assert results["checkpoint"].startswith("best")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), str(tmp_path / "best.pt")], cwd=REPO, env=env,
-                   check=True, capture_output=True)
+    run_cli("evaluate.py", str(tmp_path / "best.pt"))  # in this process
     assert json.loads((tmp_path / "results_best.json").read_text())["test"] == results["test"]
 
 
