@@ -26,8 +26,9 @@ Outputs in out_dir: config.yaml, metrics.jsonl, checkpoint.pt, best.pt, curves.p
 eval.checkpoint=ensemble the top validation checkpoints top_step*.pt).
 Ctrl-C, SIGTERM (a scheduler's) and SIGHUP (a closed terminal) finish the current step, save a checkpoint and
 exit with status 1; the same command plus resume=true continues the run (Slurm: sbatch --signal=TERM@120 sends
-SIGTERM two minutes before the time limit, and a requeued job's script can append resume=true). One process at a time uses a run folder
-(an OS lock on out_dir/.lock, released when the process ends in any way): a second one is refused, naming the first.
+SIGTERM two minutes before the time limit, and a requeued job's script can append resume=true).
+One process at a time uses a run folder (an OS lock on out_dir/.lock, released when the process ends in any way):
+a second one is refused, naming the first.
 Several processes, GPUs or machines: python -m torch.distributed.run --nproc_per_node N {script} ...
 (one run; rank 0 writes every output; see the README's "Scaling out").
 """
@@ -59,13 +60,13 @@ def train(argv: Sequence[str] | None = None, prog: str | None = None, command: s
     every key and preset, ``--show-config`` prints the resolved config. Returns the exit status (0 or a message)."""
     from omegaconf import OmegaConf
 
+    from meta.experiments.sweep import sweep_axes, train_sweep
     from meta.training.cli_help import script_help
     from meta.training.config import ConfigError
     from meta.training.distributed import DistributedError, torchrun_world
     from meta.training.errors import RunError
-    from meta.training.run import DEFAULT_PRESET, load_config, train_sweep
+    from meta.training.run import DEFAULT_PRESET, load_config
     from meta.training.run import train as train_run
-    from meta.training.sweep import sweep_axes
 
     args = list(sys.argv[1:] if argv is None else argv)
     prog = _program(prog, "meta-train")
@@ -132,9 +133,9 @@ def evaluate(argv: Sequence[str] | None = None, prog: str | None = None) -> int 
 
 def reproduce(argv: Sequence[str] | None = None, prog: str | None = None) -> int | str:
     """``meta-reproduce TABLE [--seeds N] [--minutes M | --iterations N] ...``: train every cell and seed of a table
-    spec and write the table (:mod:`meta.training.reproduce`). Returns the exit status."""
+    spec and write the table (:mod:`meta.experiments.reproduce`). Returns the exit status."""
+    from meta.experiments.reproduce import REPRODUCE_USAGE, reproduce_table
     from meta.training.errors import RunError
-    from meta.training.reproduce import REPRODUCE_USAGE, reproduce_table
 
     args = list(sys.argv[1:] if argv is None else argv)
     prog = _program(prog, "meta-reproduce")

@@ -23,7 +23,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from meta.evaluation import evaluate_learner
+from meta.experiments.tables import train_command
 from meta.training.builders import build_learner, build_optimizer, build_samplers
+from meta.training.checkpoints import load_checkpoint
 from meta.training.config import load_config
 from meta.training.distributed import (
     DistContext,
@@ -33,8 +35,6 @@ from meta.training.distributed import (
     one_line_errors,
 )
 from meta.training.errors import RunError
-from meta.training.run_log import load_checkpoint
-from meta.training.tables import train_command
 from tests.test_faults import run_script
 from tests.test_training import REPO, run_cli, train_records
 
@@ -292,6 +292,7 @@ def test_shares_cover_the_meta_batch_contiguously():
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
+@pytest.mark.slow  # a torchrun job stopped by a signal (make test-fast leaves it out)
 def test_sigterm_to_torchrun_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     """A scheduler's SIGTERM to torchrun (which passes it on to every rank): all ranks stop after the same step,
     rank 0 saves, the message says how to resume, and the resumed run equals the uninterrupted one."""

@@ -24,8 +24,9 @@ import torch
 
 from meta.data import DataError, load_mnist
 from meta.data.cache import load_or_build
+from meta.training.checkpoints import CheckpointError, load_checkpoint
 from meta.training.config import ConfigError, check_resume_config, load_config
-from meta.training.run_log import CheckpointError, MetricsLog, load_checkpoint, to_json
+from meta.training.metrics_log import MetricsLog, to_json
 from tests.test_training import PINNED, REPO, run_cli, train_records
 
 ARGS = [*PINNED, "train.iterations=8", "train.val_every=2", "train.checkpoint_every=4"]

@@ -21,12 +21,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from meta.algorithms import ProtoNet
+from meta.experiments.tables import load_table, retrain_args, retrain_iterations, run_status
 from meta.models import TaskBatchNorm, build_model
 from meta.training.builders import build_learner, build_sampler
+from meta.training.checkpoints import load_checkpoint
 from meta.training.config import ConfigError, load_config
 from meta.training.distributed import DistContext, check_distributable
-from meta.training.run_log import early_stop_start, early_stop_update, load_checkpoint
-from meta.training.tables import load_table, retrain_args, retrain_iterations, run_status
+from meta.training.early_stopping import early_stop_start, early_stop_update
 
 REPO = Path(__file__).resolve().parents[1]
 WAYS, SHOTS, QUERIES = 5, 2, 3

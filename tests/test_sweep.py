@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from meta.training.sweep import expand_sweep, sweep_axes
+from meta.experiments.sweep import expand_sweep, sweep_axes
 from tests.test_training import PINNED, run_cli
 
 

@@ -1,5 +1,5 @@
 """Training and evaluation as functions: :func:`train` runs one run (what ``meta-train`` runs), :func:`evaluate`
-tests a saved one (``meta-evaluate``), :func:`train_sweep` runs a comma-list sweep.
+tests a saved one (``meta-evaluate``); :func:`meta.experiments.sweep.train_sweep` runs a comma-list sweep of them.
 
     import meta
     cfg = meta.load_config("maml_omniglot_5w1s", ["train.iterations=100", "out_dir=runs/try"])
@@ -16,7 +16,6 @@ import contextlib
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +44,15 @@ from meta.training.builders import (
     resolve_dtype,
     test_inner_steps,
 )
+from meta.training.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_learner_state,
+    prune_top_checkpoints,
+    rank_top,
+    save_checkpoint,
+    top_checkpoint_path,
+)
 from meta.training.config import ConfigError, check_eval_overrides, check_resume_config
 from meta.training.cuda_graph import GraphedMetaStep
 from meta.training.distributed import (
@@ -54,29 +62,13 @@ from meta.training.distributed import (
     init_distributed,
     rank_device,
 )
+from meta.training.early_stopping import early_stop_start, early_stop_update
 from meta.training.errors import RunError, RunInterrupted
 from meta.training.lock import run_folder_lock
-from meta.training.run_log import (
-    CheckpointError,
-    MetricsLog,
-    atomic_write_text,
-    check_out_dir,
-    device_name,
-    early_stop_start,
-    early_stop_update,
-    existing_run_files,
-    load_checkpoint,
-    load_learner_state,
-    plot_curves,
-    prune_top_checkpoints,
-    rank_top,
-    remove_run_files,
-    run_metadata,
-    save_checkpoint,
-    to_json,
-    top_checkpoint_path,
-)
-from meta.training.sweep import expand_sweep, summarize_sweep, summary_line
+from meta.training.metrics_log import MetricsLog, to_json
+from meta.training.plots import plot_curves
+from meta.training.run_folder import atomic_write_text, check_out_dir, existing_run_files, remove_run_files
+from meta.training.run_metadata import device_name, run_metadata
 
 #: the preset of a command line (or a :func:`load_config` call) that names none
 DEFAULT_PRESET = "omniglot_5w1s_quick"
@@ -572,33 +564,6 @@ class _Run:
         print(f"results: {(out_dir / 'results.json').resolve()}  curves: {(out_dir / 'curves.png').resolve()}")
         result.results = results
         return result
-
-
-# ---- sweeps -------------------------------------------------------------------------------------------------------
-def train_sweep(args: Sequence[str], command: str = "meta-train") -> list[str]:
-    """Run the sweep of a command line's comma lists (``seed=0,1,2``): one run per combination, one after another,
-    each into ``<out_dir>/<key>=<value>,...`` (``out_dir`` defaults to ``runs/<preset>-sweep``), then print one
-    summary line. Every combination's config is checked before the first run. Returns the names of the runs that
-    failed (each printed its one-line error); raises :class:`RunError` for a bad config."""
-    runs = expand_sweep(list(args), "")
-    try:  # every combination's config is checked before the first run starts
-        configs = [load_config(DEFAULT_PRESET, [a for a in run_args if not a.startswith("out_dir=")])
-                   for _, run_args in runs]
-    except ConfigError as error:
-        raise RunError(f"config error: {error}") from None
-    named = dict(a.split("=", 1) for a in args if "=" in a)
-    base_out = Path(named.get("out_dir") or f"runs/{configs[0].preset}-sweep")
-    failed = []
-    for name, run_args in expand_sweep(list(args), str(base_out)):
-        print(f"==== sweep run {name} -> {base_out / name}", flush=True)
-        try:
-            train(load_config(DEFAULT_PRESET, run_args), overrides=run_args,
-                  command=" ".join([command, *run_args]))
-        except (RunError, ConfigError) as error:
-            print(error if isinstance(error, RunError) else f"config error: {error}", file=sys.stderr, flush=True)
-            failed.append(name)
-    print(summary_line(summarize_sweep(base_out, [name for name, _ in runs])))
-    return failed
 
 
 # ---- evaluation of a saved run -------------------------------------------------------------------------------------

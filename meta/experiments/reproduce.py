@@ -10,11 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from meta.package_files import checkout_root, shipped_path
-from meta.training.config import load_config
-from meta.training.errors import RunError
-from meta.training.run_log import atomic_write_text
-from meta.training.tables import (
+from meta.experiments.tables import (
     PROBE_ITERATIONS,
     PROBE_LOG_EVERY,
     Cell,
@@ -34,6 +30,10 @@ from meta.training.tables import (
     stage1_dir,
     train_command,
 )
+from meta.package_files import checkout_root, shipped_path
+from meta.training.config import load_config
+from meta.training.errors import RunError
+from meta.training.run_folder import atomic_write_text
 
 REPRODUCE_USAGE = """Reproduce a paper table: train every cell and seed of a table spec, then write the table next to
 the paper's.
