@@ -9,6 +9,22 @@ from meta.types import Params, Task
 
 __version__ = "0.1.0"
 
+#: training as a library call (meta/training/run.py), imported on first use: ``meta.train(meta.load_config(...))``
+_RUN_API = {
+    "train": "meta.training.run", "evaluate": "meta.training.run", "load_config": "meta.training.run",
+    "RunResult": "meta.training.run", "RunError": "meta.training.errors", "RunInterrupted": "meta.training.errors",
+}
+
+
+def __getattr__(name: str):
+    """``meta.train``, ``meta.evaluate``, ``meta.load_config``, ``meta.RunResult``, ``meta.RunError`` and
+    ``meta.RunInterrupted``, imported when first used (``import meta`` stays light and free of the training code)."""
+    if name in _RUN_API:
+        import importlib
+
+        return getattr(importlib.import_module(_RUN_API[name]), name)
+    raise AttributeError(f"module 'meta' has no attribute {name!r}")
+
 __all__ = [
     "Backprop",
     "DRIVERS",
@@ -21,6 +37,9 @@ __all__ = [
     "OuterStrategy",
     "Params",
     "Phase",
+    "RunError",
+    "RunInterrupted",
+    "RunResult",
     "Task",
     "TaskBatchNorm",
     "TaskBatchResult",
@@ -29,7 +48,9 @@ __all__ = [
     "build_model",
     "build_rule",
     "chain",
+    "evaluate",
     "first_order",
+    "load_config",
     "loop_driver",
     "masked",
     "per_sample_grads",
@@ -37,5 +58,6 @@ __all__ = [
     "register_rule",
     "sgd",
     "task_loss",
+    "train",
     "vmap_driver",
 ]

@@ -24,7 +24,9 @@ import meta  # noqa: E402
 from benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
 from benchmarks.memory_probe import probe
 from benchmarks.meta_step import CANDIDATE_NAMES, Setting, candidates, ours, paper_grid, random_tasks
-from meta.training.run_log import atomic_write_text, device_name, git_commit, to_json
+from meta.training.metrics_log import to_json
+from meta.training.run_folder import atomic_write_text
+from meta.training.run_metadata import device_name, git_commit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")

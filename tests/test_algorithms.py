@@ -269,7 +269,7 @@ def test_preset_builds_and_takes_a_step(name):
     assert loss.shape == accuracy.shape == (2,) and torch.isfinite(loss).all()
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 @pytest.mark.parametrize("name", ["mamlpp", "reptile"])
 def test_cli_trains_the_algorithm_on_synthetic_data(tmp_path, name):
     out = tmp_path / name

@@ -12,7 +12,7 @@ from tests.test_training import run_cli
 
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_train_help_lists_every_key_with_its_meaning_and_every_preset():
-    proc = run_cli("train_maml.py", "--help")
+    proc = run_cli("train_maml.py", "--help", process=True)  # the script itself, end to end
     lines = proc.stdout.splitlines()
     keys = list(config_keys())
     assert len(keys) > 60
@@ -28,7 +28,7 @@ def test_train_help_lists_every_key_with_its_meaning_and_every_preset():
         assert any(ln.startswith(f"  {name}: ") and len(ln) > len(name) + 10 for ln in lines), preset
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # make test-fast leaves it out
 def test_help_defaults_are_the_resolved_defaults():
     lines = run_cli("train_maml.py", "--help").stdout.splitlines()
     default = load_config([])
@@ -37,7 +37,7 @@ def test_help_defaults_are_the_resolved_defaults():
         assert f"default {OmegaConf.select(default, key)})" in line
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # make test-fast leaves it out
 def test_show_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
     args = ["preset=maml_omniglot_5w1s", "inner.lr=0.2", f"out_dir={tmp_path / 'run'}"]
     proc = run_cli("train_maml.py", "--show-config", *args)
@@ -46,7 +46,7 @@ def test_show_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
     assert shown["inner"]["lr"] == 0.2 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # make test-fast leaves it out
 def test_evaluate_help_names_the_keys_that_apply_to_a_saved_run():
     proc = run_cli("evaluate.py", "--help")
     assert all(key in proc.stdout for key in EVAL_KEYS)
@@ -69,3 +69,17 @@ def test_help_states_the_default_preset_not_null():
 def test_train_list_presets_on_the_command_line():
     proc = run_cli("train_maml.py", "--list-presets")
     assert proc.stdout.splitlines() == info_text("doc", ["--list-presets"]).splitlines()
+
+
+def test_console_commands_name_themselves_in_their_usage(capsys):
+    """meta-train --help and meta-evaluate --help show meta-train and meta-evaluate, not a script's path."""
+    import meta.cli
+
+    assert meta.cli.train(["--help"]) == 0  # what the meta-train console entry point runs
+    usage = capsys.readouterr().out.split("Presets (")[0]
+    assert "    meta-train preset=maml_omniglot_5w1s seed=1" in usage and "scripts/" not in usage
+    assert meta.cli.evaluate(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "    meta-evaluate runs/x" in usage and "meta-train --help" in usage and "scripts/" not in usage
+    assert meta.cli.train(["--help"], prog="python scripts/train_maml.py") == 0
+    assert "    python scripts/train_maml.py preset=" in capsys.readouterr().out

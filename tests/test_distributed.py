@@ -23,7 +23,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from meta.evaluation import evaluate_learner
+from meta.experiments.tables import train_command
 from meta.training.builders import build_learner, build_optimizer, build_samplers
+from meta.training.checkpoints import load_checkpoint
 from meta.training.config import load_config
 from meta.training.distributed import (
     DistContext,
@@ -32,10 +34,9 @@ from meta.training.distributed import (
     check_distributable,
     one_line_errors,
 )
-from meta.training.run_log import load_checkpoint
-from meta.training.tables import train_command
+from meta.training.errors import RunError
 from tests.test_faults import run_script
-from tests.test_training import REPO, train_records
+from tests.test_training import REPO, run_cli, train_records
 
 ARGS = [
     "data.dataset=synthetic", "data.synthetic_classes=20", "train.log_every=1", "train.val_every=3",
@@ -103,9 +104,7 @@ def test_two_ranks_reproduce_the_one_process_run(reference, tmp_path):
     assert results["processes"] == 2 and len(results["test"]["task_accuracies"]) == 20
     # the test set was evaluated sharded over the 2 ranks: one process on the same weights gets exactly that
     assert results["checkpoint"].startswith("best")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), str(tmp_path / "best.pt")], cwd=REPO, env=env,
-                   check=True, capture_output=True)
+    run_cli("evaluate.py", str(tmp_path / "best.pt"))  # in this process
     assert json.loads((tmp_path / "results_best.json").read_text())["test"] == results["test"]
 
 
@@ -231,8 +230,8 @@ def _worker(rank: int, folder: str) -> None:
     out["auto_choices"] = list(learner.auto_driver.choices.values())
     try:  # a check that fails on one rank only ends both, with that rank's message
         ctx.agree("disk full" if rank == 1 else None)
-    except SystemExit as stop:
-        out["agree"] = str(stop.code)
+    except RunError as stop:
+        out["agree"] = str(stop)
     torch.save(out, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -291,3 +290,26 @@ def test_shares_cover_the_meta_batch_contiguously():
             assert [s.start for s in shares] == [0, *(s.stop for s in shares[:-1])] and shares[-1].stop == total
             sizes = [s.stop - s.start for s in shares]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.slow  # a torchrun job stopped by a signal (make test-fast leaves it out)
+def test_sigterm_to_torchrun_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    """A scheduler's SIGTERM to torchrun (which passes it on to every rank): all ranks stop after the same step,
+    rank 0 saves, the message says how to resume, and the resumed run equals the uninterrupted one."""
+    from tests.test_training import wait_for_records
+
+    args = [*ODD, "train.iterations=30", "train.val_every=30", "train.checkpoint_every=30"]
+    out = tmp_path / "terminated"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*train_command(REPO / "scripts/train_maml.py", 2), *args, f"out_dir={out}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_records(out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stopped = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert proc.returncode != 0 and 3 <= stopped < 30
+    assert f"interrupted (SIGTERM): checkpoint saved at step {stopped}; continue with the same command plus " \
+           f"resume=true" in err, err[-3000:]
+    launch(1, *args, f"out_dir={out}", "resume=true")
+    launch(1, *args, f"out_dir={tmp_path / 'one'}")
+    assert_same_run(out, tmp_path / "one")

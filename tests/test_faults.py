@@ -24,8 +24,9 @@ import torch
 
 from meta.data import DataError, load_mnist
 from meta.data.cache import load_or_build
+from meta.training.checkpoints import CheckpointError, load_checkpoint
 from meta.training.config import ConfigError, check_resume_config, load_config
-from meta.training.run_log import CheckpointError, MetricsLog, load_checkpoint, to_json
+from meta.training.metrics_log import MetricsLog, to_json
 from tests.test_training import PINNED, REPO, run_cli, train_records
 
 ARGS = [*PINNED, "train.iterations=8", "train.val_every=2", "train.checkpoint_every=4"]
@@ -46,7 +47,7 @@ def run_script(script: str, *args: str) -> str | None:
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as stop:
-        return str(stop.code)
+        return None if stop.code in (0, None) else str(stop.code)
     finally:
         sys.argv = argv
         signal.signal(signal.SIGINT, handler)
@@ -270,3 +271,46 @@ def test_truncated_mnist_files_are_named_as_truncated(tmp_path):
         (raw / name).write_bytes(b"\x00" * 100)
     with pytest.raises(DataError, match="train-images-idx3-ubyte is truncated or damaged: 100 bytes"):
         load_mnist(tmp_path, "train", cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+def test_a_second_process_in_a_busy_run_folder_is_refused_naming_the_holder(tmp_path):
+    """Two processes on one out_dir (issue 24: two resumes of one run interleaved metrics.jsonl for hours): while a
+    run trains, a second run, a resume, an overwrite and an evaluation writing into the folder are all refused
+    with one line naming the holder's PID, and the folder is left to the first. Once it is gone, even by a
+    signal, the lock is free and the run resumes."""
+    import meta
+    from meta.training.errors import RunError
+    from tests.test_training import start_training, wait_for_records
+
+    out = tmp_path / "busy"
+    args = [*ARGS, "train.iterations=100000", "train.val_every=100000", "train.checkpoint_every=4"]
+    first = start_training(*args, f"out_dir={out}")
+    try:
+        wait_for_records(out, 5)
+        second = subprocess.run([sys.executable, str(REPO / "scripts/train_maml.py"), *args, f"out_dir={out}",
+                                 "resume=true"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                capture_output=True, text=True)
+        holder = f"is in use by another process (PID {first.pid}"
+        assert second.returncode == 1 and holder in second.stderr and "Traceback" not in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        for extra in (["resume=true"], [], ["overwrite=true"]):  # this test's own process is the second one
+            with pytest.raises(RunError, match=f"PID {first.pid}"):
+                overrides = [*args, f"out_dir={out}", *extra]
+                meta.train(meta.load_config(overrides=overrides), overrides=overrides)
+        with pytest.raises(RunError, match=f"PID {first.pid}.*evaluate it when that run has finished"):
+            meta.evaluate(out, ["eval.checkpoint=last"])
+        assert first.poll() is None  # the first run goes on, alone in its folder
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 1 and "interrupted (SIGTERM)" in err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    steps = [r["step"] for r in train_records(out) if r["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records, in order, none twice
+    assert not list(out.glob("results_*.json"))
+    resumed = [*args, "train.iterations=" + str(len(steps) + 1), f"out_dir={out}", "resume=true"]
+    meta.train(meta.load_config(overrides=resumed), overrides=resumed)  # the lock went with the process
+    assert (out / "results.json").is_file()

@@ -294,13 +294,10 @@ def test_training_reads_the_in_order_pool_from_step_times_meta_batch(tmp_path, m
     """Steps of meta-batch 3 on a pool of 4 read from pool tasks 0, 3, 6 (= 0, 3, 2 mod 4): the training loop passes
     first_task = step * meta_batch, and a run resumed after step 1 continues the same stream with the same losses."""
     import json
-    import runpy
-    import sys
-    from pathlib import Path
 
+    import meta
     from meta.data import TaskSampler
 
-    script = str(Path(__file__).resolve().parents[1] / "scripts" / "train_maml.py")
     common = ["data.dataset=synthetic", "data.task_pool=4", "data.task_pool_order=in_order", "train.meta_batch=3",
               "model.name=mlp", "dtype=float64", "driver=loop", "train.log_every=1", "train.val_every=100",
               "train.val_tasks=2", "eval.tasks=2", "progress=false", "train.checkpoint_every=1"]
@@ -315,8 +312,8 @@ def test_training_reads_the_in_order_pool_from_step_times_meta_batch(tmp_path, m
     monkeypatch.setattr(TaskSampler, "sample", recording_sample)
 
     def run(out, *extra):
-        monkeypatch.setattr(sys, "argv", [script, *common, f"out_dir={out}", *extra])
-        runpy.run_path(script, run_name="__main__")
+        args = [*common, f"out_dir={out}", *extra]
+        meta.train(meta.load_config(overrides=args), overrides=args)  # what scripts/train_maml.py runs
         records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
         return [{k: r[k] for k in ("step", "loss", "accuracy")} for r in records if r["split"] == "train"]
 

@@ -24,8 +24,8 @@ from meta.training.builders import (
     meta_lr_at,
 )
 from meta.training.builders import test_inner_steps as eval_steps  # (a name pytest would collect)
+from meta.training.checkpoints import load_checkpoint, top_checkpoint_path
 from meta.training.config import ConfigError, load_config
-from meta.training.run_log import load_checkpoint, top_checkpoint_path
 from tests.helpers import random_tasks
 from tests.test_distributed import ODD, TOLERANCE, launch
 from tests.test_rules import perturb_rule_params, small_model

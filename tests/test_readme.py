@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -23,6 +24,30 @@ def test_readme_api_example_runs(capsys):
     assert result.loss.shape == (32,) and result.accuracy.shape == (32,)
     assert set(result.grads) == set(dict(namespace["model"].named_parameters()))
     assert "tensor" in capsys.readouterr().out
+
+
+def test_readme_train_api_runs(tmp_path, monkeypatch, capsys):
+    """The README's meta.train block as printed, on synthetic data, with 3 and 5 iterations instead of 100 and 200:
+    a run, its evaluation, and its resume, which continues the same metrics file."""
+    text = README.read_text()
+    code = re.search(r"### Training from Python and from the command line\n.*?```python\n(.*?)```", text, re.S).group(1)
+    small = '"data.dataset=synthetic", "eval.tasks=10", "train.val_tasks=5"'  # the same in the run and its resume
+    replacements = {'"train.iterations=100"': f'"train.iterations=3", {small}',
+                    '"train.iterations=200"': f'"train.iterations=5", {small}', '"eval.tasks=1000"': '"eval.tasks=20"'}
+    for old, new in replacements.items():
+        assert code.count(old) == 1, f"the README example no longer has {old!r}"
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.step == 3 and result.test["tasks"] == 10 and 0 <= result.test["accuracy"] <= 100
+    assert f"{result.test['accuracy']} {result.test['ci95']} {result.checkpoint}" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs/try/metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 5  # resumed: no repeat, no gap at the end
+    again = namespace["again"]
+    assert again["test"]["tasks"] == 20 and json.loads(again["out"].read_text())["test"] == again["test"]
 
 
 def test_readme_first_experiment_runs(tmp_path, monkeypatch, capsys):

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meta.training.config import load_config
-from meta.training.tables import (
+from meta.experiments.tables import (
     TableError,
     check_cells,
     iterations_for_minutes,
@@ -25,6 +24,7 @@ from meta.training.tables import (
     replace_block,
     run_action,
 )
+from meta.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = sorted((REPO / "experiments" / "tables").glob("*.yaml"))
@@ -312,7 +312,7 @@ def test_readme_blocks_need_their_markers_and_collect_refuses_training_arguments
 def test_paper_step_reads_the_runs_step_column_with_the_last_step_beside_it(tmp_path):
     from omegaconf import OmegaConf
 
-    from meta.training.tables import aggregate_cell, markdown_table
+    from meta.experiments.tables import aggregate_cell, markdown_table
 
     spec = load_table(write_spec(tmp_path / "steps.yaml", [cell("s", "maml_omniglot_5w1s", paper_step=3)]))
     assert spec.cells[0].paper_step == 3

@@ -6,9 +6,6 @@ reference (float64, < 1e-10)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,9 +233,10 @@ def test_reptile_presets_pin_the_codes_protocol():
         assert (cfg.inner.test_batch_size, cfg.eval.transductive, cfg.inner.test_steps) == (test_batch, True, 50)
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_a_resumed_persistent_run_equals_the_uninterrupted_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    from tests.test_training import run_cli
+
     args = ["preset=reptile_omniglot_5w1s", "data.dataset=synthetic", "data.synthetic_classes=20",
             "train.meta_batch=2", "train.log_every=1", "train.val_every=2", "train.val_tasks=4",
             "train.checkpoint_every=2", "eval.tasks=4", "eval.batch_size=4", "inner.test_steps=3", "progress=false",
@@ -247,9 +245,7 @@ def test_a_resumed_persistent_run_equals_the_uninterrupted_one(tmp_path):
 
     def run(out: Path, *extra: str, script: str = "train_maml.py") -> None:
         command = [*args, f"out_dir={out}", *extra] if script == "train_maml.py" else [str(out), *extra]
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *command], cwd=REPO, env=env,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        run_cli(script, *command)  # in this process: what the script runs
 
     full, part = tmp_path / "full", tmp_path / "part"
     run(full)

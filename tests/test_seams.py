@@ -162,14 +162,14 @@ def test_train_script_refuses_a_test_lr_without_effect_before_writing(tmp_path):
 
 # ---- one training step reads in few files ------------------------------------------------------------------
 
-#: the library files one default training step runs code from; with scripts/train_maml.py's loop body, six
+#: the library files one default training step runs code from; with the loop body of meta/training/run.py, six
 STEP_FILES = {"meta/data/sampler.py", "meta/learner.py", "meta/drivers.py", "meta/rules/base.py",
               "meta/models/networks.py"}
 
 
 @pytest.mark.slow  # the auto driver times every candidate (make test-fast leaves it out)
 def test_one_default_training_step_runs_code_from_five_library_files():
-    # the step of scripts/train_maml.py's loop body with the default config (MAML 5w1s, sgd, conv4, task_bn,
+    # the step of meta.train's loop body (meta/training/run.py) with the default config (MAML 5w1s, sgd, conv4, task_bn,
     # driver=auto) on synthetic data: the first step times every auto candidate, the second runs the chosen one;
     # every Python function called, in this thread and the driver's worker threads, is recorded by file
     import sys

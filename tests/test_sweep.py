@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from meta.training.sweep import expand_sweep, sweep_axes
+from meta.experiments.sweep import expand_sweep, sweep_axes
 from tests.test_training import PINNED, run_cli
 
 
@@ -23,7 +23,7 @@ def test_comma_lists_expand_into_their_product_and_bracketed_values_stay_whole()
         sweep_axes(["out_dir=a,b"])
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_a_seed_sweep_runs_each_seed_into_a_sibling_folder_and_sums_them_up(tmp_path):
     proc = run_cli("train_maml.py", *PINNED, "train.iterations=2", "seed=0,1", f"out_dir={tmp_path}")
     accuracies = []
@@ -37,7 +37,7 @@ def test_a_seed_sweep_runs_each_seed_into_a_sibling_folder_and_sums_them_up(tmp_
     assert "seed=0: " in line and "seed=1: " in line
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_a_bad_value_in_a_sweep_fails_before_any_run(tmp_path):
     proc = run_cli("train_maml.py", *PINNED, "train.iterations=2", "seed=0,x", f"out_dir={tmp_path / 's'}",
                    check=False)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from meta.training.config import ConfigError, config_hash, load_config
-from meta.training.run_log import TENSORBOARD_DIR, MetricsLog, remove_run_files
+from meta.training.metrics_log import MetricsLog
+from meta.training.run_folder import TENSORBOARD_DIR, remove_run_files
 from tests.test_training import PINNED, run_cli
 
 

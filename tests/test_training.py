@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import meta
+import meta.cli
 from meta.drivers import AUTO_CANDIDATES
 from meta.evaluation import mean_ci95
 from meta.training.builders import build_learner, build_samplers
@@ -33,11 +36,32 @@ TINY = [
 PINNED = [*TINY, "driver=vmap"]
 
 
-def run_cli(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
+#: the command-line functions behind scripts/train_maml.py and scripts/evaluate.py (what each script calls)
+IN_PROCESS = {"train_maml.py": meta.cli.train, "evaluate.py": meta.cli.evaluate}
+
+
+def run_cli(script: str, *args: str, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """``python scripts/<script> args`` from the checkout: its exit status, stdout and stderr.
+
+    train_maml.py and evaluate.py run in this process (the function the script calls, with its output captured
+    and its exit status as ``sys.exit`` gives it: a message is printed to stderr, status 1), unless ``process``:
+    then, like every other script, in a process of its own (the end-to-end tests of the command line)."""
+    if process or script not in IN_PROCESS:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env, capture_output=True, text=True
+        )
+    else:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = IN_PROCESS[script](list(args), prog=f"python scripts/{script}")
+            except SystemExit as stop:  # argparse's usage errors
+                status = stop.code
+            if isinstance(status, str):
+                print(status, file=sys.stderr)
+        code = status if isinstance(status, int) else 0 if status is None else 1
+        proc = subprocess.CompletedProcess([script, *args], code, stdout.getvalue(), stderr.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -52,7 +76,7 @@ def train_records(out_dir: Path) -> list[dict]:
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
 def test_cli_smoke_on_synthetic_data(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}")
+    proc = run_cli("train_maml.py", *TINY, "train.iterations=6", f"out_dir={out}", process=True)  # end to end
     assert "test accuracy" in proc.stdout
     for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "curves.png", "results.json"):
         assert (out / name).is_file(), name
@@ -72,7 +96,7 @@ def test_cli_smoke_on_synthetic_data(tmp_path):
 
     # evaluate.py on the chosen checkpoint reproduces the reported test accuracy exactly
     chosen = "best.pt" if results["checkpoint"].startswith("best") else "checkpoint.pt"
-    evaluated = run_cli("evaluate.py", str(out / chosen))
+    evaluated = run_cli("evaluate.py", str(out / chosen), process=True)
     assert "test accuracy" in evaluated.stdout
     again = json.loads((out / f"results_{Path(chosen).stem}.json").read_text())["test"]
     assert again.pop("task_accuracies") == test["task_accuracies"]  # the same tasks, each scored the same
@@ -87,7 +111,7 @@ def test_cli_smoke_on_synthetic_data(tmp_path):
     assert refused.returncode != 0 and "resume=true" in refused.stderr
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_training_learns_synthetic_tasks(tmp_path):
     out = tmp_path / "learn"
     run_cli("train_maml.py", *TINY, "train.iterations=30", "train.val_every=30", "train.checkpoint_every=30",
@@ -99,7 +123,7 @@ def test_training_learns_synthetic_tasks(tmp_path):
     assert json.loads((out / "results.json").read_text())["test"]["accuracy"] > 60.0  # chance is 20%
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run_cli("train_maml.py", *PINNED, "train.iterations=6", f"out_dir={full}")
@@ -111,7 +135,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     assert a == b
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_resume_keeps_the_auto_drivers_choice(tmp_path):
     out = tmp_path / "run"
     run_cli("train_maml.py", *TINY, "train.iterations=3", f"out_dir={out}")
@@ -127,28 +151,54 @@ def test_resume_keeps_the_auto_drivers_choice(tmp_path):
     assert resumed["step"] == 6 and list(resumed["auto_choices"].values()) == ["loop"]
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
-def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    args = [*PINNED, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
-    run_cli("train_maml.py", *args, f"out_dir={full}")
+def start_training(*args: str) -> subprocess.Popen:
+    """scripts/train_maml.py in a process of its own (signals and locks need one), its output captured."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/train_maml.py"), *args, f"out_dir={interrupted}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = interrupted / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    return subprocess.Popen([sys.executable, str(REPO / "scripts/train_maml.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(out_dir: Path, count: int, timeout_s: float = 120) -> None:
+    """Wait until ``out_dir``'s metrics.jsonl holds ``count`` lines (the run is training)."""
+    metrics, deadline = out_dir / "metrics.jsonl", time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < count):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "checkpoint saved at step" in err
-    stopped = torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"]
-    assert 3 <= stopped < 40
-    run_cli("train_maml.py", *args, f"out_dir={interrupted}", "resume=true")
-    assert train_records(interrupted) == train_records(full)
+
+
+#: a run long enough to be stopped by a signal in the middle (40 steps, validated and checkpointed at the end)
+SIGNALLED = [*PINNED, "train.iterations=40", "train.val_every=40", "train.checkpoint_every=40"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The 40-step run of SIGNALLED, in this process: what every signalled and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("signals") / "full"
+    meta.train(meta.load_config(overrides=[*SIGNALLED, f"out_dir={out}"]))
+    return out
 
 
 @pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(signum, uninterrupted, tmp_path):
+    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP all finish the step, save, say how to resume
+    and exit with status 1; the resumed run equals the uninterrupted one."""
+    interrupted = tmp_path / "interrupted"
+    proc = start_training(*SIGNALLED, f"out_dir={interrupted}")
+    wait_for_records(interrupted, 3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    stopped = torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"]
+    named = "" if signum == signal.SIGINT else f" ({signum.name})"
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert f"interrupted{named}: checkpoint saved at step {stopped}; continue with the same command plus " \
+           f"resume=true" in err
+    assert 3 <= stopped < 40
+    args = [*SIGNALLED, f"out_dir={interrupted}", "resume=true"]
+    meta.train(meta.load_config(overrides=args), overrides=args)  # what the same command plus resume=true runs
+    assert train_records(interrupted) == train_records(uninterrupted)
+
+
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_vmap_and_loop_drivers_give_the_same_trajectory(tmp_path):
     losses = {}
     for driver in ("vmap", "loop"):
@@ -160,7 +210,7 @@ def test_vmap_and_loop_drivers_give_the_same_trajectory(tmp_path):
     np.testing.assert_allclose(losses["vmap"], losses["loop"], rtol=1e-9, atol=0)
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="train.itrations"):
         load_config(["train.itrations=3"])
@@ -182,7 +232,7 @@ def test_config_errors_name_the_key():
         assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     cfg = load_config([*TINY, "preset=protonets_omniglot_5w1s", "data.image_size=16", "task.train_ways=12",
                        "task.train_shots=2", "task.queries=3", "task.test_queries=4"])
@@ -207,7 +257,7 @@ def test_training_episodes_can_have_their_own_ways_and_shots(tmp_path):
     assert load_config(["task.train_ways=5", "task.train_shots=3"]).task.train_shots == 3
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_runs_that_cannot_start_say_why_in_one_line_and_write_nothing(tmp_path):
     cases = [
         (["task.train_shots=30"], "task error: train split: shots + queries = 30 + 1 = 31 drawings per class"),
@@ -223,7 +273,7 @@ def test_runs_that_cannot_start_say_why_in_one_line_and_write_nothing(tmp_path):
     assert proc.returncode != 0 and "no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow  # a CLI run in a subprocess (make test-fast leaves it out)
+@pytest.mark.slow  # training runs, in this process (make test-fast leaves it out)
 def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
     with pytest.raises(ConfigError, match="needs device=cuda"):
         load_config(["train.cuda_graph=true", "device=cpu"])

@@ -39,7 +39,7 @@ from meta.training.builders import (
     test_inner_steps,
 )
 from meta.training.config import ConfigError, load_config
-from meta.training.run_log import atomic_write_text
+from meta.training.run_folder import atomic_write_text
 
 WAYS = ("vmap", "loop", "learn2learn")
 

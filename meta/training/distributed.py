@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from meta.learner import MetaLearner, Tasks
+from meta.training.errors import RunError
 
 
 class DistributedError(RuntimeError):
@@ -121,12 +122,12 @@ class DistContext:
         return gathered
 
     def agree(self, error: str | None) -> None:
-        """End every rank (``SystemExit`` with the message) if any rank passes an error message; a check that
+        """End every rank (:class:`RunError` with the message) if any rank passes an error message; a check that
         fails on one rank thus stops the whole run instead of leaving the others waiting in a collective."""
         errors = [(rank, e) for rank, e in enumerate(self.all_gather_object(error)) if e]
         if errors:
             rank, message = errors[0]
-            raise SystemExit(message if self.world == 1 else f"rank {rank} of {self.world}: {message}")
+            raise RunError(message if self.world == 1 else f"rank {rank} of {self.world}: {message}")
 
     def close(self) -> None:
         """Leave the process group once every rank is done with it (no-op on one process)."""

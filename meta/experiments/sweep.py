@@ -11,8 +11,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from meta.training.config import ConfigError
+from meta.training.errors import RunError
+from meta.training.run import DEFAULT_PRESET, load_config, train
 
 
 def sweep_axes(args: list[str]) -> dict[str, list[str]]:
@@ -63,3 +69,29 @@ def summary_line(summary: dict[str, Any]) -> str:
     each = "; ".join(f"{name}: {r['accuracy']:.2f} ± {r['ci95']:.2f}" for name, r in summary["runs"].items())
     return (f"sweep: {summary['mean']:.2f}%{std} over {summary['finished']}/{summary['planned']} runs | "
             f"each (95% task CI): {each}")
+
+
+def train_sweep(args: Sequence[str], command: str = "meta-train") -> list[str]:
+    """Run the sweep of a command line's comma lists (``seed=0,1,2``): one run per combination, one after another,
+    each into ``<out_dir>/<key>=<value>,...`` (``out_dir`` defaults to ``runs/<preset>-sweep``), then print one
+    summary line. Every combination's config is checked before the first run. Returns the names of the runs that
+    failed (each printed its one-line error); raises :class:`RunError` for a bad config."""
+    runs = expand_sweep(list(args), "")
+    try:  # every combination's config is checked before the first run starts
+        configs = [load_config(DEFAULT_PRESET, [a for a in run_args if not a.startswith("out_dir=")])
+                   for _, run_args in runs]
+    except ConfigError as error:
+        raise RunError(f"config error: {error}") from None
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    base_out = Path(named.get("out_dir") or f"runs/{configs[0].preset}-sweep")
+    failed = []
+    for name, run_args in expand_sweep(list(args), str(base_out)):
+        print(f"==== sweep run {name} -> {base_out / name}", flush=True)
+        try:
+            train(load_config(DEFAULT_PRESET, run_args), overrides=run_args,
+                  command=" ".join([command, *run_args]))
+        except (RunError, ConfigError) as error:
+            print(error if isinstance(error, RunError) else f"config error: {error}", file=sys.stderr, flush=True)
+            failed.append(name)
+    print(summary_line(summarize_sweep(base_out, [name for name, _ in runs])))
+    return failed
