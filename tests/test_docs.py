@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import meta
-from meta.training.cli_help import DEFAULT_PRESET, config_keys, config_markdown, info_text
-from meta.training.config import check_eval_overrides, load_config
 from meta.experiments.sweep import expand_sweep
 from meta.experiments.tables import check_cells, load_table, select_cells
+from meta.training.cli_help import DEFAULT_PRESET, config_keys, config_markdown, info_text
+from meta.training.config import check_eval_overrides, load_config
 from tests.helpers import has_omniglot, random_tasks
 
 REPO = Path(__file__).resolve().parents[1]

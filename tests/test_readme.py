@@ -26,20 +26,26 @@ def test_readme_api_example_runs(capsys):
     assert "tensor" in capsys.readouterr().out
 
 
-def test_readme_train_api_runs(tmp_path, monkeypatch, capsys):
-    """The README's meta.train block as printed, on synthetic data, with 3 and 5 iterations instead of 100 and 200:
-    a run, its evaluation, and its resume, which continues the same metrics file."""
-    text = README.read_text()
-    code = re.search(r"### Training from Python and from the command line\n.*?```python\n(.*?)```", text, re.S).group(1)
-    small = '"data.dataset=synthetic", "eval.tasks=10", "train.val_tasks=5"'  # the same in the run and its resume
-    replacements = {'"train.iterations=100"': f'"train.iterations=3", {small}',
-                    '"train.iterations=200"': f'"train.iterations=5", {small}', '"eval.tasks=1000"': '"eval.tasks=20"'}
+def run_readme_block(heading: str, replacements: dict[str, str]) -> dict:
+    """Run the first Python block under ``heading`` (in the current directory) with each ``replacements`` key
+    (each must occur exactly once, so that a changed README fails here) replaced; returns the block's namespace."""
+    code = re.search(rf"{re.escape(heading)}\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     for old, new in replacements.items():
         assert code.count(old) == 1, f"the README example no longer has {old!r}"
         code = code.replace(old, new)
-    monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_readme_train_api_runs(tmp_path, monkeypatch, capsys):
+    """The README's meta.train block as printed, on synthetic data, with 3 and 5 iterations instead of 100 and 200:
+    a run, its evaluation, and its resume, which continues the same metrics file."""
+    small = '"data.dataset=synthetic", "eval.tasks=10", "train.val_tasks=5"'  # the same in the run and its resume
+    monkeypatch.chdir(tmp_path)
+    namespace = run_readme_block("### Training from Python and from the command line", {
+        '"train.iterations=100"': f'"train.iterations=3", {small}',
+        '"train.iterations=200"': f'"train.iterations=5", {small}', '"eval.tasks=1000"': '"eval.tasks=20"'})
     result = namespace["result"]
     assert result.step == 3 and result.test["tasks"] == 10 and 0 <= result.test["accuracy"] <= 100
     assert f"{result.test['accuracy']} {result.test['ci95']} {result.checkpoint}" in capsys.readouterr().out
@@ -55,17 +61,11 @@ def test_readme_first_experiment_runs(tmp_path, monkeypatch, capsys):
     import matplotlib
 
     matplotlib.use("Agg")
-    text = README.read_text()
-    code = re.search(r"## Write your first experiment\n.*?```python\n(.*?)```", text, re.S).group(1)
-    replacements = {'"preset=omniglot_5w1s_quick",': '"preset=omniglot_5w1s_quick", "data.dataset=synthetic",',
-                    "range(1, 401)": "range(1, 4)", "step % 50 == 0": "step % 3 == 0",
-                    "num_tasks=100": "num_tasks=10", "batch_size=50": "batch_size=5"}
-    for old, new in replacements.items():
-        assert code.count(old) == 1, f"the README example no longer has {old!r}"
-        code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace = run_readme_block("## Write your first experiment", {
+        '"preset=omniglot_5w1s_quick",': '"preset=omniglot_5w1s_quick", "data.dataset=synthetic",',
+        "range(1, 401)": "range(1, 4)", "step % 50 == 0": "step % 3 == 0",
+        "num_tasks=100": "num_tasks=10", "batch_size=50": "batch_size=5"})
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -77,7 +77,7 @@ def test_readme_first_experiment_runs(tmp_path, monkeypatch, capsys):
     assert "step 3: query loss " in printed and "s in all" in printed  # progress, then the test result
     assert (tmp_path / "first_experiment.png").read_bytes()[:4] == b"\x89PNG"
     # the inheritance example is a preset that loads
-    preset = re.search(r"```yaml\n(# My variant.*?)```", text, re.S).group(1)
+    preset = re.search(r"```yaml\n(# My variant.*?)```", README.read_text(), re.S).group(1)
     (tmp_path / "configs").mkdir()
     import meta.training.config as config_module
 
