@@ -136,21 +136,38 @@ def _fmt(x: float | None) -> str:
     return "exact" if x is None else f"{x:.1e}" if x < 1e4 else ">1e4" if x < float("inf") else "inf"
 
 
+def _rows(sites: list[dict]) -> list[str]:
+    rows = ["| test | site | check | tolerance | worst error | used | margin | path | seed | comparisons |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sites:
+        name = s["test"].split("::", 1)[-1].split("[")[0]
+        rows.append(f"| `{name}` | {s['site']} | {s['check']} | {s['tolerance']} | "
+                    f"{s['error']:.2e} | {s['used']:.1e} | {_fmt(s['margin'])} | {s['path']} | {s['seed_offset']} | "
+                    f"{s['comparisons']} |")
+    return rows
+
+
 def _markdown(result: dict) -> str:
-    lines = ["# Tolerance margins of the numerical tests, per comparison site, across CPU kernel paths\n",
-             f"Machine: {result['machine']}. Runs (kernel path - seed offset): {', '.join(result['runs'])}.",
-             "Written by `python scripts/kernel_paths.py table` from the recorded runs in `raw/` "
-             "(`measure`; see docs/numerics.md).\n",
-             "`used` = worst error / tolerance over every run and every comparison at that line "
-             "(`separation`: bound / difference), `margin` = 1 / used; "
-             "`path` and `seed` are the run where the worst was seen.\n",
-             "Outcomes: " + "; ".join(f"{k}: {v[-1] if v else '?'}" for k, v in result["outcomes"].items()) + "\n",
-             "| site | kind | check | tolerance | worst error | used | margin | path | seed | comparisons | test |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in result["sites"]:
-        lines.append(f"| {s['site']} | {s['kind']} | {s['check']} | {s['tolerance']} | {s['error']:.2e} | "
-                     f"{s['used']:.1e} | {_fmt(s['margin'])} | {s['path']} | {s['seed_offset']} | "
-                     f"{s['comparisons']} | `{s['test'].split('::', 1)[-1]}` |")
+    within = [s for s in result["sites"] if s["kind"] in ("tolerance", "exact")]
+    apart = [s for s in result["sites"] if s["kind"] == "separation"]
+    thin = [s for s in within if s["used"] > 1e-2]
+    lines = ["# Tolerance margins of the numerical tests, across CPU kernel paths and seeds\n",
+             f"Machine: {result['machine']}.\n",
+             f"Runs (kernel path - seed offset - tests): {', '.join(result['outcomes'])}. Outcomes:\n",
+             *[f"- {k}: {'; '.join(v) if v else '?'}" for k, v in result["outcomes"].items()],
+             "",
+             "Written by `python scripts/kernel_paths.py table` from the records in `raw/` (`measure`, "
+             "tests/numerics_record.py; see docs/numerics.md). One row per test function and comparison line, "
+             "the worst over its parametrizations, kernel paths and seeds; `used` = error / tolerance (elementwise "
+             "checks: the largest `|a - b| / (atol + rtol |b|)`; errors are absolute there and relative for "
+             "`relative_error`), `margin` = 1 / used, `path` and `seed` the run of the worst.\n",
+             f"## Within a tolerance: {len(within)} comparison lines, {len(thin)} with a margin under 100\n",
+             *_rows(within),
+             "",
+             f"## Must differ by more than a bound: {len(apart)} comparison lines\n",
+             "`used` = bound / difference: these assert that a switch changes the result by far more than "
+             "rounding could, so their margin is against the bound, while rounding is ~1e-15.\n",
+             *_rows(apart)]
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,10 @@ def mlp_tasks():
 @pytest.mark.parametrize("protocol", ["ours", "maml_code"])
 def test_vmap_loop_and_reference_agree(tasks, mlp_tasks, kind, norm, steps, first_order, protocol):
     tasks = mlp_tasks if kind == "mlp" else tasks
-    learner = make_learner(kind, norm, steps, first_order, protocol=protocol)
+    # without a norm layer, cbfinn/maml's init and its step size on the summed loss diverge (query loss 1e113 after
+    # five steps), where the loss amplifies rounding by as much: 8e-12 apart, 12x margin; a tenth of it does not
+    lr = 0.04 if (protocol, norm) == ("maml_code", "none") else 0.4
+    learner = make_learner(kind, norm, steps, first_order, lr=lr, protocol=protocol)
     loop = learner.meta_gradient(tasks, driver="loop")
     runs = [("vmap", None, "native"), ("vmap", 3, "native"), ("vmap", None, "unfold"), ("auto", None, "native"),
             ("vmap_autograd", None, "native"), ("loop_autograd", None, "native"), ("loop_threads", None, "native")]
@@ -71,7 +74,7 @@ def test_vmap_loop_and_reference_agree(tasks, mlp_tasks, kind, norm, steps, firs
 
     params = dict(learner.model.named_parameters())
     code = {"shots": tasks[0].shape[1] // 5, "frozen": meta.models.norm_parameters_of(learner.model), "eps": 1e-3}
-    ref_loss, ref_grads, ref_adapted = reference_maml(kind, norm, params, tasks, 0.4, steps, first_order,
+    ref_loss, ref_grads, ref_adapted = reference_maml(kind, norm, params, tasks, lr, steps, first_order,
                                                       **(code if protocol == "maml_code" else {}))
     assert torch.allclose(loop.loss, ref_loss, rtol=TOL, atol=0)
     assert relative_error(loop.grads, ref_grads) < TOL
@@ -166,7 +169,8 @@ def test_task_batch_norm_fused_kernel_and_primitives_agree(tasks, mlp_tasks, kin
         results[use_fused] = {d: learner.meta_gradient(tasks, driver=d) for d in ("loop", "loop_autograd", "vmap")}
         assert (len(calls) > 0) == use_fused and not any(calls)  # fused only when asked, never under vmap
     for driver in ("loop", "loop_autograd", "vmap"):
-        assert relative_error(results[True][driver].grads, results[False][driver].grads) < 1e-12, driver
+        # the fused kernel sums in another order, as a driver does: TOL (at 1e-12, 9.8e-13 was seen on AVX2)
+        assert relative_error(results[True][driver].grads, results[False][driver].grads) < TOL, driver
     assert relative_error(results[True]["loop"].grads, results[True]["vmap"].grads) < TOL
 
 
