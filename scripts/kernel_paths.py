@@ -186,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--out", type=Path, default=DEFAULT_OUT)
     t = sub.add_parser("table", help="write results.json and results.md from the recorded runs")
     t.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["test"] and not {"-h", "--help"} & set(argv[1:2]):  # everything after "test" goes to pytest
+        return run_tests(supported_paths(), argv[1:] or ["-q", "-x", "-m", "not slow", *EQUIVALENCE_TESTS])
     args = parser.parse_args(argv)
     if args.command == "list":
         print(" ".join(supported_paths()))
-    elif args.command == "test":
-        return run_tests(supported_paths(), args.pytest_args or ["-q", "-x", "-m", "not slow", *EQUIVALENCE_TESTS])
     elif args.command == "measure":
         measure(args.out, args.paths or supported_paths(), args.offsets, args.tests, args.pytest_args, args.tag)
     else:
