@@ -46,5 +46,12 @@ lint: install-dev
 benchmark: install-dev
 	$(PY) scripts/benchmark.py $(ARGS)
 
+# the equivalence tests once per CPU kernel path this machine has (ATen's kernels, oneDNN and MKL held to the
+# scalar/SSE, AVX2 and AVX-512 instruction sets in turn): a tolerance that holds on one instruction set only fails
+# here, not on a user's CPU. About 3.5 minutes per path; run before each release (docs/numerics.md)
+.PHONY: test-kernels
+test-kernels: install-dev
+	$(PY) scripts/kernel_paths.py test $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

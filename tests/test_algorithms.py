@@ -206,13 +206,16 @@ def test_imaml_vmap_matches_loop_and_evaluate(tasks):
 
 def test_prototype_logits_are_negative_squared_distances():
     g = torch.Generator().manual_seed(0)
-    support, query = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    # float64: in float32 the two sides (a mean by matmul, squared differences summed; torch.dist squared) differ by
+    # float32 rounding, up to 5e-7 of the distance, which left rel=1e-5 an 84x margin
+    support = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    query = torch.randn(5, 4, generator=g, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     logits = prototype_logits(support, labels, query, ways=3)
     for i in range(5):
         for n in range(3):
             prototype = support[labels == n].mean(0)
-            assert logits[i, n] == pytest.approx(-float(torch.dist(query[i], prototype) ** 2), rel=1e-5)
+            assert logits[i, n] == pytest.approx(-float(torch.dist(query[i], prototype) ** 2), rel=1e-12)
 
 
 def test_prototype_logits_leave_out_classes_without_support_examples():

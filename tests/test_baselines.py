@@ -19,7 +19,7 @@ from meta.training.config import load_config
 pytest.importorskip("learn2learn")
 
 REPO = Path(__file__).resolve().parents[1]
-TOL = 1e-10
+TOL = 1e-10  # same math in another summation order: ~1e-15 apart, >= 100x margin on every path (docs/numerics.md)
 #: the three-way experiment's cell: MAML's 5w1s preset with the norm adapted (learn2learn adapts every parameter),
 #: on synthetic data; the rest is cbfinn/maml's (inner loss summed over shots, beta-only batch norm, MAML's init)
 CELL = ["preset=maml_omniglot_5w1s", "inner.adapt_norm=true", "data.dataset=synthetic", "data.synthetic_classes=20"]

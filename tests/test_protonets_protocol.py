@@ -187,7 +187,9 @@ def test_protonets_running_statistics_training_and_evaluation_equal_a_batchnorm2
         ours_buffers, their_buffers = dict(learner.model.named_buffers()), dict(reference.named_buffers())
         assert ours_buffers.keys() == their_buffers.keys() and len(ours_buffers) == 12
         for name, value in their_buffers.items():
-            torch.testing.assert_close(ours_buffers[name], value, rtol=1e-13, atol=1e-15)
+            # means and variances over every pixel of an episode: their rounding is absolute (a few ulps of the O(1)
+            # activations), so near-zero running means are held to atol (at 1e-15: 6e-15 seen, no margin)
+            torch.testing.assert_close(ours_buffers[name], value, rtol=1e-12, atol=1e-12)
         with torch.no_grad():  # the same SGD step on both, so the statistics keep meeting new weights
             for (name, p), q in zip(learner.model.named_parameters(), reference.parameters()):
                 p -= 0.1 * result.grads[name]
