@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import meta
 from meta import rules
 from meta.algorithms import MAMLPlusPlus
+from meta.experiments.tables import TableError, load_table, markdown_table
 from meta.models import build_model, relative_error
 from meta.models.networks import Activation
 from meta.training.builders import build_learner
 from meta.training.config import CONFIG_DIR, ConfigError, available_presets, load_config
-from meta.experiments.tables import TableError, load_table, markdown_table
 from tests.helpers import random_tasks
 
 REPO = Path(__file__).resolve().parents[1]
