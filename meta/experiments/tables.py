@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from meta.training.builders import test_inner_steps
 from meta.training.config import CONFIG_DIR, Config, ConfigError, available_presets, load_config
 
 #: what the paper's ± is: a 95% CI over test tasks, a std over seeds, a ± the paper prints without saying what it is
@@ -374,7 +375,7 @@ def aggregate_cell(cell: Cell, run_dirs: list[Path]) -> dict[str, Any]:
     return {
         **row, "accuracy": mean, "std_over_seeds": std, "paper_step": cell.paper_step,
         "step": columns[0]["step"] if not unrecorded else None,
-        "last_step": sorted({int(c.inner.test_steps) for c in configs}),
+        "last_step": sorted({test_inner_steps(c) for c in configs}),  # inner.test_steps, else inner.steps
         "last_step_accuracy": sum(last) / len(last),
         "last_step_ci95_mean": sum(r["test"]["ci95"] for r in results) / len(results),
         "seeds": [{"seed": c.seed, "accuracy": col["accuracy"], "ci95": col["ci95"], "step": col["step"],
