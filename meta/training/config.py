@@ -714,6 +714,11 @@ def _validate_data(data: DictConfig) -> None:
     if data.task_pool_order != "random" and data.task_pool is None:
         raise ConfigError(f"data.task_pool_order={data.task_pool_order} reads a task pool, but data.task_pool is null; "
                           f"set data.task_pool (e.g. 200000) or leave data.task_pool_order=random")
+    if data.download and data.dataset == "mnist":
+        from meta.data.mnist import MNIST_SOURCE
+
+        raise ConfigError(f"data.download=true fetches Omniglot only; MNIST is read from <data root>/MNIST/raw/: put "
+                          f"{MNIST_SOURCE} there (docs/data.md), then leave data.download=false")
     unknown = [s for s in data.rotate_splits if s not in SPLIT_NAMES]
     if unknown:
         raise ConfigError(f"data.rotate_splits has unknown split(s) {unknown}; expected some of {list(SPLIT_NAMES)}")
