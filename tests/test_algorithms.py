@@ -289,4 +289,6 @@ def test_rule_options_are_checked_against_the_factory():
 
     with pytest.raises(ConfigError, match=r"inner.options \['clp'\]"):
         load_config(["inner.rule=clipped_sgd", "inner.options.clp=1.0"])
-    assert load_config(["inner.rule=clipped_sgd", "inner.options.clip=2.0"]).inner.options.clip == 2.0
+    # clipped_sgd takes per-sample gradients: it needs a norm without batch statistics
+    cfg = load_config(["inner.rule=clipped_sgd", "inner.options.clip=2.0", "model.norm=group"])
+    assert cfg.inner.options.clip == 2.0

@@ -54,19 +54,44 @@ def check_mnist_sizes(data_root: Path, train: bool) -> None:
                             f"{_RAW_SIZES[name]}; replace it with the uncompressed official file")
 
 
+#: Where the raw files come from: data.download fetches Omniglot only, never MNIST.
+MNIST_SOURCE = ("the four files from https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror of "
+                "yann.lecun.com/exdb/mnist), gunzipped")
+#: IDX headers: magic number (0x0803 images, 0x0801 labels) then the sizes, big-endian 32-bit each.
+_HEADERS = {
+    "train-images-idx3-ubyte": (0x803, 60000, 28, 28), "train-labels-idx1-ubyte": (0x801, 60000),
+    "t10k-images-idx3-ubyte": (0x803, 10000, 28, 28), "t10k-labels-idx1-ubyte": (0x801, 10000),
+}
+
+
+def check_mnist_headers(data_root: Path, train: bool) -> None:
+    """Raise a :class:`DataError` naming any raw file whose IDX header (magic number and sizes) is not MNIST's."""
+    raw = data_root / "MNIST" / "raw"
+    for name in _RAW[train]:
+        path = raw / name
+        expected = _HEADERS[name]
+        with path.open("rb") as f:
+            found = tuple(int.from_bytes(f.read(4), "big") for _ in expected)
+        if found != expected:
+            raise DataError(f"MNIST file {path} has a bad IDX header {[hex(v) for v in found]}, expected "
+                            f"{[hex(v) for v in expected]} (magic number, then sizes): not the official "
+                            f"uncompressed file; replace it with {MNIST_SOURCE}")
+
+
 def _read_mnist(data_root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision.datasets import MNIST  # imported lazily: torchvision is slow to import
 
     check_mnist_sizes(data_root, train)
-
+    if all((data_root / "MNIST" / "raw" / name).is_file() for name in _RAW[train]):
+        check_mnist_headers(data_root, train)
     try:
         ds = MNIST(root=str(data_root), train=train, download=False)
     except RuntimeError as err:
         files = ", ".join(_RAW[train])
         raise DataError(
             f"MNIST not found under {data_root}: expected the raw IDX files ({files}) in "
-            f"{data_root / 'MNIST' / 'raw'}/ (torchvision's layout). Point META_DATA_ROOT or "
-            f"data.root at the folder that contains 'MNIST/'. ({err})"
+            f"{data_root / 'MNIST' / 'raw'}/ (torchvision's layout): put {MNIST_SOURCE} there, or point "
+            f"META_DATA_ROOT or data.root at the folder that contains 'MNIST/' (data.download fetches Omniglot only)"
         ) from err
     return ds.data, ds.targets
 
@@ -134,6 +159,7 @@ def load_mnist(
     if None in sources:
         _read_mnist(data_root, train)  # raises a DataError naming the expected files
     check_mnist_sizes(data_root, train)  # before a cache keyed by these files is trusted
+    check_mnist_headers(data_root, train)
 
     def build() -> dict[str, torch.Tensor]:
         images, labels = _read_mnist(data_root, train)

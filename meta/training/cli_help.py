@@ -96,8 +96,13 @@ def config_help(default_preset: str | None = DEFAULT_PRESET) -> str:
 def preset_summary(name: str, limit: int | None = 150) -> str:
     """The first sentence of a preset's header comment ("et al." does not end one), cut to ``limit``
     characters (``None``: whole)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # --help still lists every key; loading this preset names the bad byte
+        return f"(unreadable: {path} is not UTF-8 text; save it as UTF-8)"
     header = []
-    for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+    for line in text.splitlines():
         if not line.startswith("#") or line.startswith("# data:"):
             break
         header.append(line.lstrip("# ").strip())

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -293,11 +294,111 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "imaml.formulation": ("paper", "code"),
 }
 
-POSITIVE = ("task.ways", "task.shots", "task.queries", "train.iterations", "train.meta_batch", "train.log_every",
-            "train.lr_step_every", "train.lr_step_factor",
-            "train.val_every", "train.val_tasks", "train.checkpoint_every", "eval.tasks", "eval.batch_size",
-            "eval.ensemble_size",
-            "data.image_size", "model.norm_eps", "dist.timeout_s", "train.adam_eps")
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: ``low`` to ``high`` (``None``: unbounded), each end included unless
+    ``*_open``. A key that may be null (no value) is checked only when it has one."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low == 0 and self.low_open and self.high is None:
+            return "positive"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high}{')' if self.high_open else ']'}"
+
+
+#: > 0 (for an integer: >= 1)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+#: a torch.Generator seed (manual_seed takes 64 bits and wraps negative ones; 63 leave room for eval.seed + 1)
+SEED = Range(0, 2**63 - 1)
+
+#: The range of every numeric key (float keys must also be finite): validate() refuses a value outside it before
+#: anything is built or written, naming the key, the value and the range. Null keys are checked when set.
+RANGES: dict[str, Range] = {
+    "seed": SEED,
+    "data.image_size": POSITIVE,
+    "data.task_pool": POSITIVE,
+    "data.task_pool_seed": SEED,
+    "data.synthetic_classes": POSITIVE,
+    "data.synthetic_drawings": POSITIVE,
+    "task.ways": POSITIVE,
+    "task.shots": POSITIVE,
+    "task.queries": POSITIVE,
+    "task.test_queries": POSITIVE,
+    "task.train_ways": POSITIVE,
+    "task.train_shots": POSITIVE,
+    "task.val_ways": POSITIVE,
+    "task.val_queries": POSITIVE,
+    "model.norm_eps": POSITIVE,
+    "model.activation_slope": Range(0, 1, high_open=True),
+    "inner.lr": NON_NEGATIVE,
+    "inner.steps": NON_NEGATIVE,
+    "inner.test_lr": NON_NEGATIVE,
+    "inner.test_steps": NON_NEGATIVE,
+    "inner.batch_size": POSITIVE,
+    "inner.test_batch_size": POSITIVE,
+    "train.iterations": POSITIVE,
+    "train.meta_batch": POSITIVE,
+    "train.meta_lr": POSITIVE,
+    "train.adam_eps": POSITIVE,
+    "train.min_meta_lr": NON_NEGATIVE,
+    "train.lr_step_every": POSITIVE,
+    "train.lr_step_factor": POSITIVE,
+    "train.chunk_size": POSITIVE,
+    "train.log_every": POSITIVE,
+    "train.val_every": POSITIVE,
+    "train.val_tasks": POSITIVE,
+    "train.checkpoint_every": POSITIVE,
+    "train.epoch_iterations": POSITIVE,
+    "train.early_stop_patience": NON_NEGATIVE,
+    "mamlpp.msl_iterations": NON_NEGATIVE,
+    "mamlpp.first_order_iterations": NON_NEGATIVE,
+    "imaml.lam": NON_NEGATIVE,
+    "imaml.cg_steps": NON_NEGATIVE,
+    "imaml.test_lam": NON_NEGATIVE,
+    "imaml.regu_coef": NON_NEGATIVE,
+    "imaml.lam_damping": NON_NEGATIVE,
+    "imaml.cg_tol": NON_NEGATIVE,
+    "eval.tasks": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "eval.seed": SEED,
+    "eval.ensemble_size": POSITIVE,
+    "dist.timeout_s": POSITIVE,
+    "reference.accuracy": Range(0, 100),
+    "reference.ci95": NON_NEGATIVE,
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first numeric key that is not finite or outside its :data:`RANGES`."""
+    for key, value in flatten(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number")
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            nullable = " (or null)" if _may_be_null(key) else ""
+            raise ConfigError(f"{key} must be {allowed}{nullable}, got {value}")
+
+
+def _may_be_null(key: str) -> bool:
+    """Whether ``key``'s field is declared ``... | None``."""
+    *sections, name = key.split(".")
+    cls: Any = Config
+    for section in sections:
+        cls = type(getattr(cls(), section))
+    return "None" in str({f.name: f.type for f in fields(cls)}[name])
 
 
 def available_presets() -> list[str]:
@@ -396,14 +497,66 @@ def preset_layers(preset: str) -> list[tuple[str, DictConfig]]:
         if name in [seen for seen, _ in chain]:
             cycle = " -> ".join([*[seen for seen, _ in chain], name])
             raise ConfigError(f"preset {preset}: extends: makes a cycle ({cycle}); remove one of these extends: lines")
-        try:
-            layer = OmegaConf.load(_preset_file(name, wanted_by))
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"preset {name}: {str(error).splitlines()[0]}") from None
-        parent = layer.pop("extends", None) if isinstance(layer, DictConfig) else None
+        layer = load_yaml_file(_preset_file(name, wanted_by), f"preset {name}")
+        parent = layer.pop("extends", None)
         chain.append((name, layer))
         name, wanted_by = parent, name
     return chain[::-1]
+
+
+def _yaml_problem(error: yaml.YAMLError, text: str) -> str:
+    """One line for a YAML error: what went wrong, where, and the usual fix."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    if isinstance(error, yaml.constructor.ConstructorError) and "tag" in problem:
+        fix = "YAML tags (!!python/..., !!binary, ...) are not accepted: write plain values"
+    elif mark is not None and "\t" in (text.splitlines()[mark.line:mark.line + 1] or [""])[0]:
+        fix = "YAML indents with spaces, not tabs: replace the tabs"
+    else:
+        fix = "fix the YAML syntax"
+    return f"{problem}{where}; {fix}"
+
+
+def load_yaml_file(path: Path, what: str) -> DictConfig:
+    """A config layer from a YAML file (a preset, base.yaml), or a one-line :class:`ConfigError` naming the file:
+    not UTF-8 text, a YAML error (tabs, tags such as ``!!python/...``), or not a mapping of keys."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {error.start}: {error.object[error.start]:#04x}); "
+                          f"save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{what}: cannot read {path}: {error.strerror}") from None
+    try:
+        layer = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what}: {path}: {_yaml_problem(error, text)}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{what}: {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{what}: {path} is a YAML {type(layer).__name__.removesuffix('Config').lower()}, not a "
+                          f"mapping of keys: write one 'key: value' per line (sections as 'train:' then indented keys)")
+    return layer
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    """The command line's ``key=value`` items as one config, or a one-line :class:`ConfigError` naming the item:
+    bytes that are not UTF-8, or a value that is not plain YAML (a tag such as ``!!python/...``)."""
+    for item in overrides:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ConfigError(f"command line: '{shown}' is not UTF-8 text; pass keys and values (paths too) as "
+                              f"UTF-8") from None
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as error:
+            raise ConfigError(f"command line: {item!r}: {_yaml_problem(error, item.split('=', 1)[1])}") from None
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
@@ -433,15 +586,12 @@ def load_config(
     if base is not None:
         cfg, preset = _merge(cfg, base, "saved config"), None
     else:
-        cfg = _merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
+        cfg = _merge(cfg, load_yaml_file(CONFIG_DIR / "base.yaml", "configs/base.yaml"), "configs/base.yaml")
     if preset:
         for name, layer in preset_layers(preset):
             cfg = _merge(cfg, layer, f"preset {name}")
         cfg.preset = preset
-    try:
-        dotlist = OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"bad override: {error}") from None
+    dotlist = _parse_overrides(overrides)
     protocol = {key: OmegaConf.select(cfg, key) for key in REFERENCE_PROTOCOL}
     cfg = _merge(cfg, dotlist, "command line")
     changed = [key for key in REFERENCE_PROTOCOL if OmegaConf.select(cfg, key) != protocol[key]]
@@ -459,31 +609,16 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    check_ranges(cfg)
     if cfg.model.padding != "symmetric" and cfg.model.name == "mlp":
         raise ConfigError(f"model.padding={cfg.model.padding} applies to the conv models only, not model.name=mlp; "
                           f"leave model.padding=symmetric")
     if cfg.model.activation == "relu" and cfg.model.activation_slope != LEAKY_RELU_SLOPE:
         raise ConfigError(f"model.activation_slope={cfg.model.activation_slope} applies to model.activation=leaky_relu "
                           f"only; leave it at {LEAKY_RELU_SLOPE} with relu")
-    if not 0.0 <= cfg.model.activation_slope < 1.0:
-        raise ConfigError(f"model.activation_slope must be in [0, 1), got {cfg.model.activation_slope}")
     if cfg.model.conv4_head != "mean" and cfg.model.name != "conv4":
         raise ConfigError(f"model.conv4_head={cfg.model.conv4_head} applies to model.name=conv4 only, not "
                           f"{cfg.model.name}; leave it at mean")
-    for key, value in flatten(cfg).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value} is not a finite number")
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    if cfg.train.early_stop_patience is not None and cfg.train.early_stop_patience < 0:
-        raise ConfigError(f"train.early_stop_patience must be >= 0 (or null: no early stopping), got "
-                          f"{cfg.train.early_stop_patience}")
-    for key in ("task.test_queries", "task.train_ways", "task.train_shots", "task.val_ways", "task.val_queries",
-                "inner.batch_size", "inner.test_batch_size", "data.task_pool", "train.epoch_iterations"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key} must be positive (or null), got {value}")
     if cfg.train.optimizer != "adam" and cfg.train.adam_eps != TrainConfig.adam_eps:
         raise ConfigError(f"train.adam_eps={cfg.train.adam_eps} applies to train.optimizer=adam only, not "
                           f"{cfg.train.optimizer}; leave it at {TrainConfig.adam_eps}")
@@ -517,8 +652,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.checkpoint == "ensemble" and cfg.algorithm == "protonets":
         raise ConfigError("eval.checkpoint=ensemble averages the query logits of adapted models; algorithm=protonets "
                           "adapts none: use eval.checkpoint=best or last")
-    if cfg.inner.steps < 0 or (cfg.inner.test_steps is not None and cfg.inner.test_steps < 0):
-        raise ConfigError("inner.steps and inner.test_steps must be >= 0")
     drivers = algorithm.supported_drivers()
     if cfg.driver not in drivers:
         raise ConfigError(f"algorithm={cfg.algorithm} does not run on driver={cfg.driver}; choose one of {drivers}")
@@ -542,6 +675,16 @@ def validate(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.inner.options) - accepted)
     if unknown:
         raise ConfigError(f"inner.options {unknown} are not arguments of rule {cfg.inner.rule!r}: {sorted(accepted)}")
+    if cfg.model.norm == "task_bn" and cfg.algorithm != "protonets":
+        try:
+            rule = RULES[cfg.inner.rule](**cfg.inner.options)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"inner.rule={cfg.inner.rule} with inner.options={dict(cfg.inner.options)}: "
+                              f"{error}") from None
+        if rule.per_sample:
+            raise ConfigError(f"inner.rule={cfg.inner.rule} takes per-sample gradients, which are undefined when "
+                              f"model.norm=task_bn's batch statistics couple the samples; set model.norm=group "
+                              f"or model.norm=none")
     if cfg.inner.test_lr is not None and cfg.inner.learnable_lr:
         raise ConfigError("inner.test_lr cannot override a learnable step size (inner.learnable_lr=true); leave null")
     if "learnable" in cfg.inner.options:
@@ -571,6 +714,11 @@ def _validate_data(data: DictConfig) -> None:
     if data.task_pool_order != "random" and data.task_pool is None:
         raise ConfigError(f"data.task_pool_order={data.task_pool_order} reads a task pool, but data.task_pool is null; "
                           f"set data.task_pool (e.g. 200000) or leave data.task_pool_order=random")
+    if data.download and data.dataset == "mnist":
+        from meta.data.mnist import MNIST_SOURCE
+
+        raise ConfigError(f"data.download=true fetches Omniglot only; MNIST is read from <data root>/MNIST/raw/: put "
+                          f"{MNIST_SOURCE} there (docs/data.md), then leave data.download=false")
     unknown = [s for s in data.rotate_splits if s not in SPLIT_NAMES]
     if unknown:
         raise ConfigError(f"data.rotate_splits has unknown split(s) {unknown}; expected some of {list(SPLIT_NAMES)}")
