@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from meta.data import DataError, load_mnist
 from meta.data.cache import load_or_build
@@ -138,6 +139,12 @@ def test_resume_with_a_changed_config_is_refused(full_run, tmp_path):
     assert check_resume_config(constant, load_config([*ARGS, "train.iterations=10"])) == ["train.iterations"]
     with pytest.raises(ConfigError, match="train.iterations=8 -> 10"):
         check_resume_config(saved, load_config([*ARGS, "train.lr_schedule=cosine", "train.iterations=10"]))
+    # a checkpoint written before a key existed resumes: the key's default is how that run ran
+    older = OmegaConf.to_container(constant)
+    del older["model"]["activation"], older["model"]["activation_slope"]
+    assert check_resume_config(older, load_config(ARGS)) == []
+    with pytest.raises(ConfigError, match="model.activation='relu' -> 'leaky_relu'"):
+        check_resume_config(older, load_config([*ARGS, "model.activation=leaky_relu"]))
     (out / "checkpoint.pt").unlink()
     assert "no checkpoint" in run_script("train_maml.py", *ARGS, f"out_dir={out}", "resume=true")
 
