@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from meta.training.builders import test_inner_steps
-from meta.training.config import CONFIG_DIR, Config, ConfigError, available_presets, load_config
+from meta.training.config import CONFIG_DIR, ConfigError, available_presets, load_config, with_defaults
 
 #: what the paper's ± is: a 95% CI over test tasks, a std over seeds, a ± the paper prints without saying what it is
 #: (``unstated``), or none
@@ -293,9 +293,7 @@ def protocol_status(
     key=value the protocol applies on top of the preset (its cell's ``overrides``, a two-stage cell's retraining),
     no deviation.
     """
-    # a key the run's config lacks did not exist when it ran: it ran as that key's default (new keys default to
-    # the earlier behaviour), so the structured defaults fill it in
-    ours = _flat(OmegaConf.merge(OmegaConf.structured(Config), run_config))
+    ours = _flat(with_defaults(run_config))  # keys the run's config lacks: as their defaults
     theirs = _flat(load_config([f"preset={preset}", *(expected or [])]))
     keys = [k for k in sorted(set(ours) | set(theirs))
             if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "train.iterations"]

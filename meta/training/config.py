@@ -446,12 +446,17 @@ def config_differences(saved: Any, new: Any) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
+def with_defaults(saved: Any) -> DictConfig:
+    """A saved run's config with the keys it lacks filled in from the structured defaults: a key absent from it did
+    not exist when the run started, so the run ran as that key's default (new keys default to earlier behaviour)."""
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
+
+
 def check_resume_config(saved: Any, new: DictConfig) -> list[str]:
     """Raise :class:`ConfigError` listing the keys that differ from the saved config and are not safe to change on
-    resume (:data:`RESUME_SAFE_KEYS`); return the safe ones that differ. A key the saved config lacks did not exist
-    when the run started: the run ran as that key's default (a new key defaults to the earlier behaviour), so the
-    structured defaults fill it in before comparing."""
-    saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), saved), resolve=True)
+    resume (:data:`RESUME_SAFE_KEYS`); return the safe ones that differ. Keys the saved config lacks compare as
+    their defaults (:func:`with_defaults`)."""
+    saved = with_defaults(saved)
     changed = config_differences(saved, new)
     safe = set(RESUME_SAFE_KEYS)
     if new.train.lr_schedule in ("cosine", "linear"):  # the schedule is a function of the total iterations
