@@ -164,6 +164,10 @@ def test_protocol_labels_come_from_the_runs_resolved_config():
         "deviates: inner.lr=0.2 (preset: 0.4); reduced schedule (100 of 60000 iterations)")
     assert label("train.iterations=70000") == "deviates: train.iterations=70000 (preset: 60000)"
     assert label("reference.accuracy=50.0", "reference.source=x") == "as published"  # what it is shown next to
+    assert label("tf32=true") == "deviates: tf32=True (preset: False)"  # TF32 convolutions change the numbers
+    graphed = load_config(["preset=maml_omniglot_5w1s"])
+    graphed.train.cuda_graph = True  # (validation wants a GPU for it): the same step replayed, same numbers
+    assert protocol_status("maml_omniglot_5w1s", graphed)["label"] == "as published"
 
 
 def test_a_known_deviation_makes_every_run_of_its_cell_deviate():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +28,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for, but no CUDA device is available; use device=cpu or auto")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """Allow or forbid TF32 in cuDNN convolutions and CUDA matmuls (PyTorch's process-wide flags) while the block
+    runs, then restore what they were. CPU computations do not read these flags."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -43,6 +43,7 @@ from meta.training.builders import (
     resolve_device,
     resolve_dtype,
     test_inner_steps,
+    tf32_allowed,
 )
 from meta.training.checkpoints import (
     CheckpointError,
@@ -307,8 +308,10 @@ class _Run:
         if cfg.train.cuda_graph and self.device.type != "cuda":
             raise RunError(f"config error: train.cuda_graph=true needs a CUDA device, and device={cfg.device} "
                            f"resolved to {self.device}")
+        self.held.enter_context(tf32_allowed(cfg.tf32))  # restored when the run ends
         processes = f" | {dist_ctx.world} processes ({dist_ctx.backend})" if dist_ctx.world > 1 else ""
-        print(f"preset {cfg.preset} | device {device_name(self.device)} | dtype {cfg.dtype} | driver "
+        tf32 = f" | tf32 {'on' if cfg.tf32 else 'off'}" if self.device.type == "cuda" else ""
+        print(f"preset {cfg.preset} | device {device_name(self.device)} | dtype {cfg.dtype}{tf32} | driver "
               f"{cfg.driver}{processes}")
         problem = None
         try:  # before anything is written: a run that cannot start leaves no folder behind
@@ -650,12 +653,13 @@ def _evaluate(path: Path, overrides: list[str]) -> dict[str, Any]:
     except ValueError as error:  # an inner.test_lr that would change nothing
         raise RunError(f"config error: {error}") from None
     start = time.perf_counter()
-    test = evaluate_learner(
-        tested, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
-        batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
-        rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size, per_task=True,
-        transductive=cfg.eval.transductive, per_step=records_every_step(tested, cfg.eval.transductive),
-    )
+    with tf32_allowed(cfg.tf32):
+        test = evaluate_learner(
+            tested, sampler, num_tasks=cfg.eval.tasks, seed=cfg.eval.seed,
+            batch_size=cfg.eval.batch_size, inner_steps=test_inner_steps(cfg),
+            rule=test_rule, dtype=dtype, device=device, chunk_size=cfg.train.chunk_size, per_task=True,
+            transductive=cfg.eval.transductive, per_step=records_every_step(tested, cfg.eval.transductive),
+        )
     results = {"test": test, "checkpoint": str(path), "step": state["step"], **run_metadata(cfg, device),
                "test_wall_time_s": time.perf_counter() - start}
     what = f"step {state['step']}"
