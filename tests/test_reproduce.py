@@ -6,11 +6,14 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from meta.experiments.tables import (
@@ -339,3 +342,31 @@ def test_paper_step_reads_the_runs_step_column_with_the_last_step_beside_it(tmp_
             load_table(write_spec(tmp_path / "bad.yaml", [cell("b", "maml_omniglot_5w1s", paper_step=bad)]))
     maml = load_table(REPO / "experiments/tables/maml_omniglot.yaml").cells
     assert [c.paper_step for c in maml] == [3, 3, 5, 5, 3, 3]  # App. A.1: 3 steps at 5-way, 5 at 20-way
+
+
+@pytest.mark.slow  # a CLI run in a subprocess, stopped by a signal (make test-fast leaves it out)
+def test_ctrl_c_stops_the_runner_with_one_line_and_its_run_resumes(tmp_path):
+    """Ctrl-C (or ``timeout -s INT``) reaches the runner and its training run together, as a terminal sends it to
+    the whole process group: the run saves its checkpoint, the runner says so in one line (no traceback), and
+    the same command continues the run."""
+    spec = write_spec(tmp_path / "tiny.yaml", [cell("maml", "maml_omniglot_5w1s", 98.7, 0.4)])
+    out = tmp_path / "out"
+    args = [str(spec), "--iterations", "100000", "--out", str(out), *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "reproduce.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "maml" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"interrupted: {out / 'maml' / 'seed0'} stopped"), stderr
+    saved = torch.load(out / "maml" / "seed0" / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+    assert saved > 0
+    again = run_script("reproduce.py", str(spec), "--iterations", str(saved + 2), "--out", str(out), *TINY)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from step {saved}" in again.stdout

@@ -87,8 +87,14 @@ def train_process(cell_args: list[str], run_dir: Path, nproc: int) -> None:
         env["PYTHONPATH"] = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     resume = ["resume=true"] if action == "resume" else []
     script = shipped_path("scripts") / "train_maml.py"
-    proc = subprocess.run([*train_command(script, nproc), *cell_args, f"out_dir={run_dir}", *resume], env=env,
-                          cwd=repo)
+    with subprocess.Popen([*train_command(script, nproc), *cell_args, f"out_dir={run_dir}", *resume], env=env,
+                          cwd=repo) as proc:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C (or timeout -s INT) reached the run as well: it saves, then exits
+            proc.wait()
+            raise RunError(f"interrupted: {run_dir} stopped (exit {proc.returncode}) after saving its checkpoint; "
+                           f"rerun the same command to continue it") from None
     if proc.returncode != 0:
         raise RunError(f"run {run_dir} failed (exit {proc.returncode}); fix it and rerun the same command: finished "
                        f"runs are skipped, this one continues")
