@@ -5,6 +5,8 @@ and peak memory by vmap chunk size. Writes results.json, results.md and meta_ste
                                                      # (2-core CPU: about 90 min)
     python scripts/benchmark.py --quick --out /tmp/b # a tiny grid (used by the tests)
     python scripts/benchmark.py --device cuda --out experiments/benchmarks/h100
+    python scripts/benchmark.py --only miniimagenet  # MAML's mini-ImageNet meta-steps (3x84x84, 32 filters), not
+                                                     # in the default grid
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is b
 import meta  # noqa: E402
 from benchmarks.measure import count_flops, interleaved_medians, matmul_peak_gflops
 from benchmarks.memory_probe import probe
-from benchmarks.meta_step import CANDIDATE_NAMES, Setting, candidates, ours, paper_grid, random_tasks
+from benchmarks.meta_step import CANDIDATE_NAMES, Setting, Tasks, candidates, ours, paper_grid, random_tasks
 from meta.training.metrics_log import to_json
 from meta.training.run_folder import atomic_write_text
 from meta.training.run_metadata import device_name, git_commit
@@ -40,12 +43,63 @@ parser.add_argument("--no-l2l", action="store_true", help="skip learn2learn (if 
 parser.add_argument("--skip-timing", action="store_true", help="skip the meta-step timing grid")
 parser.add_argument("--skip-memory", action="store_true", help="skip the memory probes")
 args = parser.parse_args()
+
+
+@dataclass(frozen=True)
+class ImageSetting(Setting):
+    """A mini-ImageNet-shaped setting: ``channels`` x ``size`` x ``size`` images and MAML's mini-ImageNet Conv4
+    (``filters`` filters, max-pool, flattened 5x5 head at 84 pixels) with its inner step 0.01 (cbfinn/maml main.py
+    L17, configs/maml_miniimagenet_5w1s.yaml)."""
+
+    size: int = 84
+    channels: int = 3
+    filters: int = 32
+
+    @property
+    def lr(self) -> float:
+        return 0.01
+
+    @property
+    def name(self) -> str:
+        return f"miniimagenet {super().name}"
+
+
+def miniimagenet_grid(quick: bool) -> list[Setting]:
+    """MAML's mini-ImageNet meta-steps: 5-way 1- and 5-shot, 15 queries, meta-batch 4, 5 inner steps, second and
+    first order (a tiny one with ``quick``). Run with ``--only miniimagenet``; never part of the default grid."""
+    if quick:
+        return [ImageSetting(5, 1, 1, 2, 1, False)]
+    return [ImageSetting(5, shots, 15, 4, 5, first_order) for shots in (1, 5) for first_order in (False, True)]
+
+
+def setting_model(s: Setting) -> nn.Module:
+    """The benchmarked network: MAML's Omniglot Conv4, or the mini-ImageNet Conv4 for an :class:`ImageSetting`."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(s, ImageSetting):
+        return meta.build_model("conv4_maxpool", ways=s.ways, in_channels=s.channels, image_size=s.size,
+                                filters=s.filters, generator=g)
+    return meta.build_model("conv4", ways=s.ways, generator=g)
+
+
+def setting_tasks(s: Setting, device: torch.device, generator: torch.Generator) -> Tasks:
+    """Random tasks of the setting's shape (1 x 28 x 28, or the :class:`ImageSetting`'s)."""
+    if not isinstance(s, ImageSetting):
+        return random_tasks(s, device, generator)
+    sy = torch.arange(s.ways).repeat_interleave(s.shots).expand(s.tasks, -1).contiguous()
+    qy = torch.arange(s.ways).repeat_interleave(s.queries).expand(s.tasks, -1).contiguous()
+    sx = torch.rand(s.tasks, s.ways * s.shots, s.channels, s.size, s.size, generator=generator)
+    qx = torch.rand(s.tasks, s.ways * s.queries, s.channels, s.size, s.size, generator=generator)
+    return sx.to(device), sy.to(device), qx.to(device), qy.to(device)
+
+
 drivers = [d for d in args.drivers.split(",") if d]
 if unknown := sorted(set(drivers) - set(CANDIDATE_NAMES)):
     parser.error(f"--drivers: unknown {unknown}; choose from {', '.join(CANDIDATE_NAMES)}")
 if drivers and "auto" not in drivers:
     parser.error("--drivers must include auto: every row reports the others against it")
 grid = [Setting(5, 1, 1, 4, 1, False), Setting(5, 1, 2, 4, 2, True)] if args.quick else paper_grid()
+if "miniimagenet" in args.only:  # asked for by name only: the default grid stays the Omniglot one
+    grid += miniimagenet_grid(args.quick)
 grid = [] if args.skip_timing else [s for s in grid if any(text in s.name for text in args.only.split(","))]
 if args.only and not args.skip_timing and not grid:
     parser.error(f"--only {args.only!r} matches no setting; names look like {paper_grid()[0].name!r}")
@@ -195,8 +249,8 @@ memory = {"setting": mem_setting.name, "rows": memory_rows}
 grid = sorted(grid, key=lambda s: s.tasks * s.ways * (s.shots * s.steps + s.queries) * (2 - s.first_order))
 rows = []
 for s in grid:
-    net = meta.build_model("conv4", ways=s.ways, generator=torch.Generator().manual_seed(0)).to(device)
-    tasks = random_tasks(s, device, generator)
+    net = setting_model(s).to(device)
+    tasks = setting_tasks(s, device, generator)
     flops = count_flops(ours(net, s, tasks, "loop"))
     fns = candidates(net, s, tasks, with_l2l=not args.no_l2l)
     fns = {k: f for k, f in fns.items() if k in drivers} if drivers else fns

@@ -12,22 +12,23 @@ import torch.nn.functional as F
 class ClassPool:
     """The classes of one split.
 
-    ``images[c, d]`` is drawing ``d`` of class ``c`` (uint8, bright strokes on a dark
-    background); only the first ``counts[c]`` drawings of class ``c`` are valid, the rest
-    is zero padding. ``names[c]`` identifies the class, e.g. ``"Latin/character01@rot90"``.
+    ``images[c, d]`` is drawing ``d`` of class ``c`` (uint8): ``[H, W]`` for a grey-scale pool (bright
+    strokes on a dark background for Omniglot) or ``[channels, H, W]`` for a colour one (mini-ImageNet);
+    only the first ``counts[c]`` drawings of class ``c`` are valid, the rest is zero padding.
+    ``names[c]`` identifies the class, e.g. ``"Latin/character01@rot90"``.
     ``rotations`` are the angles (multiples of 90 degrees, counter-clockwise) a sampler draws
     from, one per class and task (MAML's rotation semantics); ``(0,)``: no rotation.
     """
 
-    images: torch.Tensor  # uint8 [num_classes, max_drawings, H, W]
+    images: torch.Tensor  # uint8 [num_classes, max_drawings, H, W] or [num_classes, max_drawings, channels, H, W]
     counts: torch.Tensor  # long [num_classes]
     names: list[str] = field(default_factory=list)
     rotations: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        if self.images.dtype != torch.uint8 or self.images.dim() not in (4, 5):
             raise ValueError(
-                f"ClassPool.images must be uint8 [classes, drawings, H, W], "
+                f"ClassPool.images must be uint8 [classes, drawings, H, W] or [classes, drawings, channels, H, W], "
                 f"got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.counts.dtype != torch.long or self.counts.shape != (self.images.shape[0],):
@@ -60,8 +61,10 @@ class ClassPool:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one sampled image (always one channel)."""
-        return (1, int(self.images.shape[2]), int(self.images.shape[3]))
+        """``(C, H, W)`` of one sampled image (one channel for a 4-dimensional ``images``)."""
+        if self.images.dim() == 4:
+            return (1, int(self.images.shape[2]), int(self.images.shape[3]))
+        return tuple(int(n) for n in self.images.shape[2:])  # type: ignore[return-value]
 
     @property
     def device(self) -> torch.device:
@@ -81,25 +84,44 @@ class ClassPool:
 
 
 def synthetic_pool(
-    num_classes: int, drawings: int, image_size: int = 28, seed: int = 0
+    num_classes: int, drawings: int, image_size: int = 28, seed: int = 0, channels: int = 1
 ) -> ClassPool:
-    """A tiny learnable in-memory pool for tests and smoke runs.
+    """A tiny learnable in-memory pool for tests, smoke runs and timing runs of a real data set's shape.
 
     Each class is a fixed random blob pattern (a random 7x7 binary grid upsampled to
     ``image_size``); each drawing is that pattern with a random intensity and additive
-    noise, so a classifier can learn it. Deterministic in ``seed``.
+    noise, so a classifier can learn it. Deterministic in ``seed``. ``channels=1`` gives a grey-scale pool
+    (``[classes, drawings, H, W]``); more channels a colour one (``[classes, drawings, channels, H, W]``, e.g. 3 at
+    84 pixels for mini-ImageNet's shape), each channel with its own pattern.
     """
     for name, value in (("num_classes", num_classes), ("drawings", drawings),
-                        ("image_size", image_size)):
+                        ("image_size", image_size), ("channels", channels)):
         if int(value) < 1:
             raise ValueError(f"synthetic_pool: {name} must be positive, got {value}")
     g = torch.Generator().manual_seed(int(seed))
+    names = [f"synthetic/class{c:04d}" for c in range(num_classes)]
+    counts = torch.full((num_classes,), drawings, dtype=torch.long)
+    if channels > 1:
+        return ClassPool(_colour_synthetic_images(num_classes, drawings, image_size, channels, g), counts, names)
     grid = (torch.rand(num_classes, 1, 7, 7, generator=g) < 0.4).float()
     protos = F.interpolate(grid, size=(image_size, image_size), mode="nearest")
     gain = 0.6 + 0.4 * torch.rand(num_classes, drawings, 1, 1, generator=g)
     noise = 0.25 * torch.rand(num_classes, drawings, image_size, image_size, generator=g)
     x = (protos * gain + noise)  # [C, 1, H, W] broadcasts over drawings.clamp(0, 1)
     images = (x * 255).round().to(torch.uint8)
-    counts = torch.full((num_classes,), drawings, dtype=torch.long)
-    names = [f"synthetic/class{c:04d}" for c in range(num_classes)]
     return ClassPool(images, counts, names)
+
+
+def _colour_synthetic_images(
+    num_classes: int, drawings: int, image_size: int, channels: int, g: torch.Generator
+) -> torch.Tensor:
+    """uint8 ``[classes, drawings, channels, H, W]``: one blob pattern per class and channel, a random intensity per
+    drawing and uniform noise, built one class at a time (a mini-ImageNet-sized pool has 64 x 600 84x84x3 images)."""
+    grid = (torch.rand(num_classes, channels, 7, 7, generator=g) < 0.4).float()
+    protos = F.interpolate(grid, size=(image_size, image_size), mode="nearest")
+    images = torch.empty(num_classes, drawings, channels, image_size, image_size, dtype=torch.uint8)
+    for c in range(num_classes):
+        gain = 0.6 + 0.4 * torch.rand(drawings, 1, 1, 1, generator=g)
+        noise = 0.25 * torch.rand(drawings, channels, image_size, image_size, generator=g)
+        images[c] = ((protos[c] * gain + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images

@@ -112,17 +112,22 @@ class TaskSampler:
             )
         self.device = torch.device(device)
         self.pool = pool.to(self.device)
-        # every rotation of every drawing, rotation-major: row r * (C * D) + c * D + d
-        self._flat_images = torch.cat([
-            rearrange(torch.rot90(self.pool.images, r // 90, dims=(-2, -1)), "c d h w -> (c d) h w")
-            for r in self.pool.rotations
-        ]).contiguous()
+        # every rotation of every drawing, rotation-major: row r * (C * D) + c * D + d; a pool without rotations is
+        # read in place (a view: a memory-mapped pool stays mapped, not copied)
+        if self.pool.rotations == (0,):
+            self._flat_images = rearrange(self.pool.images, "c d ... -> (c d) ...").contiguous()
+        else:
+            self._flat_images = torch.cat([
+                rearrange(torch.rot90(self.pool.images, r // 90, dims=(-2, -1)), "c d ... -> (c d) ...")
+                for r in self.pool.rotations
+            ]).contiguous()
         # uint8 -> [0, 1] as the CPU divides, on every device: CUDA divides by a scalar as a multiplication by its
         # reciprocal, which can differ in the last bit, so other devices look the CPU's quotients up in a table
         # (on the CPU, the division itself is 7x faster than the lookup)
         self._pixel_value = (
             None if self.device.type == "cpu" else (torch.arange(256, dtype=torch.float32) / 255.0).to(self.device)
         )
+        self._image_shape = self.pool.image_shape
         self._uniform = bool((pool.counts == pool.max_drawings).all())
         self._classes, self._drawings = pool.num_classes, pool.max_drawings  # (read in every sample)
         self._counts_by_device: dict[torch.device, torch.Tensor] = {}
@@ -220,7 +225,7 @@ class TaskSampler:
             # before shuffling, position p of the "(n k)" layout holds label p // per_class
             r = rearrange(r, "t n k -> t (n k)").gather(1, order)
             x = self._flat_images.index_select(0, r.reshape(-1))
-            x = rearrange(x, "(t m) h w -> t m 1 h w", t=t)
+            x = x.view(t, -1, *self._image_shape)
             x = x.float().div_(255.0) if self._pixel_value is None else self._pixel_value[x.long()]
             return x, torch.div(order, per_class, rounding_mode="floor")
 

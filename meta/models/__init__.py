@@ -46,6 +46,7 @@ def build_model(
     padding: str = "symmetric",
     activation: str = "relu",
     activation_slope: float = LEAKY_RELU_SLOPE,
+    filters: int = 64,
 ) -> nn.Module:
     """Build a model by name: ``conv4`` (strided, MAML), ``conv4_maxpool`` (MAML++/ProtoNets) or ``mlp``.
 
@@ -55,6 +56,9 @@ def build_model(
     ``tf_same`` (TensorFlow's ``'SAME'``, which the strided convolutions of cbfinn/maml and supervised-reptile used);
     the MLP takes only the default. ``activation`` (:data:`ACTIVATIONS`) follows every hidden layer's norm:
     ``relu`` (MAML's) or ``leaky_relu`` with negative slope ``activation_slope`` (MAML++'s ``F.leaky_relu``, 0.01).
+    ``filters`` is the conv models' width, every block's output channels: 64 (MAML's Omniglot, ProtoNets), 32 (MAML's
+    mini-ImageNet: ``--num_filters=32``), 48 (MAML++'s mini-ImageNet); ``in_channels`` 3 for colour images. The max-pool
+    Conv4 flattens its last feature maps: 5x5xfilters at 84 pixels (MAML's mini-ImageNet head, maml.py L203).
 
     ``norm_eps``, ``norm_affine`` (``gamma_beta``, ``beta``, ``none``) and ``norm_stats`` (``batch``, or
     ``running``: nn.BatchNorm2d's running statistics, used in eval mode) shape the norm layers. With a
@@ -65,13 +69,17 @@ def build_model(
     act = {"activation": activation, "slope": activation_slope}
     if name != "conv4" and conv4_head != "mean":
         raise ValueError(f"conv4_head={conv4_head!r} applies to the conv4 model only, not {name!r}")
+    if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
+        raise ValueError(f"filters must be a positive integer, got {filters!r}")
+    if name == "mlp" and filters != 64:
+        raise ValueError(f"filters={filters} applies to the conv models only, not {name!r} (its widths are fixed)")
     if name == "mlp" and padding != "symmetric":
         raise ValueError(f"padding={padding!r} applies to the conv models only, not {name!r}")
     if name == "conv4":
-        model = Conv4(ways, in_channels, norm=norm, downsample="stride", image_size=image_size, norm_options=options,
-                      head_input=conv4_head, padding=padding, **act)
+        model = Conv4(ways, in_channels, hidden=filters, norm=norm, downsample="stride", image_size=image_size,
+                      norm_options=options, head_input=conv4_head, padding=padding, **act)
     elif name == "conv4_maxpool":
-        model = Conv4(ways, in_channels, norm=norm, downsample="maxpool", image_size=image_size,
+        model = Conv4(ways, in_channels, hidden=filters, norm=norm, downsample="maxpool", image_size=image_size,
                       norm_options=options, padding=padding, **act)
     elif name == "mlp":
         model = MLP(ways, in_features=in_channels * image_size * image_size, norm=norm, norm_options=options, **act)

@@ -55,7 +55,12 @@ def load_pool(data: DictConfig, split: str) -> ClassPool:
         protocol = data.test_protocol or protocol
     if dataset == "synthetic":
         offset = SPLITS.index(split)
-        return synthetic_pool(data.synthetic_classes, data.synthetic_drawings, data.image_size, seed=1000 + offset)
+        return synthetic_pool(data.synthetic_classes, data.synthetic_drawings, data.image_size, seed=1000 + offset,
+                              channels=data.channels)
+    if dataset == "miniimagenet":
+        from meta.data.miniimagenet import load_miniimagenet
+
+        return load_miniimagenet(data.root, split, image_size=data.image_size, cache_dir=data.cache_dir)
     if dataset == "omniglot":
         return load_omniglot(
             data.root,
@@ -91,7 +96,11 @@ def build_sampler(cfg: DictConfig, split: str, device: torch.device) -> TaskSamp
                       "task_pool_order": cfg.data.task_pool_order}
         else:
             pooled = {}
-        return TaskSampler(load_pool(cfg.data, split), ways, shots, queries, device=device, **pooled)
+        pool = load_pool(cfg.data, split)
+        if pool.image_shape[0] != cfg.data.channels:
+            raise ValueError(f"its images have {pool.image_shape[0]} channel(s), but data.channels="
+                             f"{cfg.data.channels}; set data.channels={pool.image_shape[0]}")
+        return TaskSampler(pool, ways, shots, queries, device=device, **pooled)
     except ValueError as error:
         raise ValueError(f"{split} split: {error}") from None
 
@@ -116,7 +125,7 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
         cfg.model.name,
         cfg.task.ways,
         norm=cfg.model.norm,
-        in_channels=1,
+        in_channels=cfg.data.channels,
         image_size=cfg.data.image_size,
         generator=generator,
         norm_eps=cfg.model.norm_eps,
@@ -127,6 +136,7 @@ def build_model_from_config(cfg: DictConfig, generator: torch.Generator | None) 
         padding=cfg.model.padding,
         activation=cfg.model.activation,
         activation_slope=cfg.model.activation_slope,
+        filters=cfg.model.filters,
     )
 
 

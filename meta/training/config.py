@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "omniglot"  # omniglot | mnist | synthetic
+    dataset: str = "omniglot"  # omniglot | mnist | synthetic | miniimagenet (docs/data.md: where to get each)
     # omniglot: maml_random | protonets_vinyals | protonets_vinyals_trainval | reptile | imaml | mamlpp | lake
     # (meta/data/splits.py; the former "vinyals" is maml_random); mnist: within
     protocol: str = "maml_random"
@@ -57,6 +57,9 @@ class DataConfig:
     # how batches pick tasks from data.task_pool: random (uniformly with replacement: iMAML's code) | in_order (the
     # pool read in order from the step's first task, wrapping around: MAML's code reads its 200,000 task list so)
     task_pool_order: str = "random"
+    # channels of the input images: 1 (omniglot, mnist) | 3 (miniimagenet); the model's input channels, and the
+    # synthetic data set's (synthetic: any count, e.g. 3 at image_size 84 for mini-ImageNet's shape)
+    channels: int = 1
     synthetic_classes: int = 64  # synthetic data set only
     synthetic_drawings: int = 20  # synthetic data set only
 
@@ -108,6 +111,9 @@ class ModelConfig:
     # jakesnell/prototypical-networks scripts/predict/few_shot/eval.py L16). running: algorithm=protonets and
     # driver=loop_autograd only (the update is in place, task after task)
     norm_stats: str = "batch"
+    # output channels of every conv block of conv4 and conv4_maxpool: 64 (MAML's Omniglot, ProtoNets) | 32 (MAML's
+    # mini-ImageNet: cbfinn/maml main.py L17 --num_filters=32) | 48 (MAML++'s mini-ImageNet). mlp: 64 only
+    filters: int = 64
 
 
 @dataclass
@@ -281,7 +287,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "float64"),
     "driver": ("auto", "vmap", "loop", "vmap_autograd", "loop_autograd", "loop_threads"),
-    "data.dataset": ("omniglot", "mnist", "synthetic"),
+    "data.dataset": ("omniglot", "mnist", "synthetic", "miniimagenet"),
     "data.resample": ("lanczos", "maml"),
     "data.rotation": ("as_class", "per_class", "none"),
     "data.task_pool_order": TASK_POOL_ORDERS,
@@ -334,6 +340,7 @@ RANGES: dict[str, Range] = {
     "data.image_size": POSITIVE,
     "data.task_pool": POSITIVE,
     "data.task_pool_seed": SEED,
+    "data.channels": POSITIVE,
     "data.synthetic_classes": POSITIVE,
     "data.synthetic_drawings": POSITIVE,
     "task.ways": POSITIVE,
@@ -345,6 +352,7 @@ RANGES: dict[str, Range] = {
     "task.val_ways": POSITIVE,
     "task.val_queries": POSITIVE,
     "model.norm_eps": POSITIVE,
+    "model.filters": POSITIVE,
     "model.activation_slope": Range(0, 1, high_open=True),
     "inner.lr": NON_NEGATIVE,
     "inner.steps": NON_NEGATIVE,
