@@ -89,7 +89,8 @@ if want miniimagenet; then
 stage "mini-ImageNet 5w1s meta-step (synthetic data, 84x84x3)"
 if [[ -f configs/maml_miniimagenet_5w1s.yaml ]]; then
     timeout "${MINI_BENCH_SECONDS:-90}" "$PY" scripts/benchmark.py --device cuda --repeats 3 --out "$OUT/mini-bench" \
-        --only miniimagenet --drivers "${MINI_DRIVERS:-auto,vmap+cudagraph,learn2learn}" --skip-memory 2>&1 | tee -a "$LOG"
+        --only miniimagenet --drivers "${MINI_DRIVERS:-auto,vmap+cudagraph,learn2learn}" --skip-memory \
+        ${MINI_BENCH_ARGS---no-tf32} 2>&1 | tee -a "$LOG"  # full float32, as training runs (config key tf32=false)
     run=/tmp/gpu-mini-train
     rm -rf "$run"
     timeout -s INT "${MINI_SECONDS:-60}" "$PY" scripts/train_maml.py preset=maml_miniimagenet_5w1s data.dataset=synthetic \
