@@ -81,7 +81,7 @@ train() {  # train NAME SECONDS ITERATIONS [key=value ...]: a paper-preset run, 
 }
 if want training; then
 # the meta-step replayed as a CUDA graph, then the eager step for the same-machine ratio of steps per second
-train cuda_graph "${TRAIN_SECONDS:-100}" "${TRAIN_ITERATIONS:-3000}" train.cuda_graph=true
+train cuda_graph "${TRAIN_SECONDS:-100}" "${TRAIN_ITERATIONS:-3000}" train.cuda_graph=true driver=vmap_autograd
 train eager "${EAGER_SECONDS:-60}" "${EAGER_ITERATIONS:-1000}"
 fi
 
@@ -94,7 +94,7 @@ if [[ -f configs/maml_miniimagenet_5w1s.yaml ]]; then
     run=/tmp/gpu-mini-train
     rm -rf "$run"
     timeout -s INT "${MINI_SECONDS:-60}" "$PY" scripts/train_maml.py preset=maml_miniimagenet_5w1s data.dataset=synthetic \
-        device=cuda train.cuda_graph=true train.iterations="${MINI_ITERATIONS:-1000}" train.val_every=500 \
+        device=cuda train.cuda_graph=true driver=vmap_autograd train.iterations="${MINI_ITERATIONS:-1000}" train.val_every=500 \
         train.checkpoint_every=500 eval.tasks=100 progress=false out_dir="$run" 2>&1 | tee -a "$LOG"
     tail -n 3 "$run/metrics.jsonl" 2>/dev/null | tee -a "$LOG"
     tar czf "$OUT/mini-train.tar.gz" -C "$run" --exclude='*.pt' . 2>/dev/null
@@ -136,7 +136,7 @@ for entry in $CELLS; do
     stage "cell $table/$cell: full schedule, train.cuda_graph=true (at most ${CELL_SECONDS:-330} s)"
     start=$(date +%s)
     timeout -s INT "${CELL_SECONDS:-330}" "$PY" scripts/reproduce.py "$table" --only "$cell" --out /tmp/gpu-cells \
-        device=cuda train.cuda_graph=true progress=false 2>&1 | tee -a "$LOG"
+        device=cuda train.cuda_graph=true driver=vmap_autograd progress=false 2>&1 | tee -a "$LOG"
     echo "cell $table/$cell: wall time $(( $(date +%s) - start )) s" | tee -a "$LOG"
     tail -n 2 "/tmp/gpu-cells/$cell/seed0/metrics.jsonl" 2>/dev/null | tee -a "$LOG"
     tar czf "$OUT/cell-$cell.tar.gz" -C /tmp/gpu-cells "$cell" 2>/dev/null

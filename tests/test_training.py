@@ -277,10 +277,12 @@ def test_runs_that_cannot_start_say_why_in_one_line_and_write_nothing(tmp_path):
 def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
     with pytest.raises(ConfigError, match="needs device=cuda"):
         load_config(["train.cuda_graph=true", "device=cpu"])
-    for bad in ("algorithm=reptile", "train.optimizer=sgd", "driver=loop_threads"):
+    graphable = ["train.cuda_graph=true", "device=cuda", "driver=vmap_autograd"]
+    for bad in (["algorithm=reptile", "driver=auto"], ["train.optimizer=sgd"], ["driver=loop_threads"],
+                ["driver=vmap"], ["driver=auto"]):
         with pytest.raises(ConfigError, match="train.cuda_graph=true supports"):
-            load_config(["train.cuda_graph=true", "device=cuda", bad])
-    assert load_config(["train.cuda_graph=true", "device=cuda", "algorithm=mamlpp"]).train.cuda_graph
+            load_config([*graphable, *bad])
+    assert load_config([*graphable, "algorithm=mamlpp"]).train.cuda_graph
     # the library class checks what the config cannot know: where the learner is, and the optimizer
     from meta.training.cuda_graph import GraphedMetaStep
 
@@ -290,7 +292,8 @@ def test_cuda_graph_option_refuses_what_it_cannot_capture(tmp_path):
         GraphedMetaStep(learner, torch.optim.Adam(learner.parameters(), capturable=True))
     if not torch.cuda.is_available():  # device=auto on a machine without CUDA: a clear exit, nothing written
         out = tmp_path / "run"
-        proc = run_cli("train_maml.py", *TINY, "train.cuda_graph=true", "device=auto", f"out_dir={out}", check=False)
+        proc = run_cli("train_maml.py", *TINY, "train.cuda_graph=true", "device=auto", "driver=vmap_autograd",
+                       f"out_dir={out}", check=False)
         assert proc.returncode != 0 and "train.cuda_graph=true needs a CUDA device" in proc.stderr
         assert not out.exists()
 

@@ -163,7 +163,7 @@ class TrainConfig:
     lr_step_factor: float = 0.5  # step schedule: the factor applied every lr_step_every iterations
     chunk_size: int | None = None  # vmap chunk size (bounds memory); null: all tasks at once
     # CUDA only: replay each meta-step as a captured CUDA graph (meta/training/cuda_graph.py); same steps, less
-    # launch overhead. algorithm maml or mamlpp, optimizer adam, any driver but loop_threads
+    # launch overhead. algorithm maml or mamlpp, optimizer adam, driver vmap_autograd (the one checked on a GPU)
     cuda_graph: bool = False
     log_every: int = 10  # iterations between metrics.jsonl lines
     val_every: int = 500  # iterations between validations
@@ -683,7 +683,8 @@ def validate(cfg: DictConfig) -> None:
         supported = algorithm.cuda_graph and cfg.train.optimizer == "adam"
         if not supported or cfg.driver not in GRAPHABLE_DRIVERS:
             raise ConfigError(f"train.cuda_graph=true supports algorithm maml or mamlpp with train.optimizer=adam "
-                              f"and any driver but loop_threads, not algorithm={cfg.algorithm}, "
+                              f"and driver={' or '.join(GRAPHABLE_DRIVERS)} (checked against eager steps on a GPU: "
+                              f"experiments/benchmarks/h200), not algorithm={cfg.algorithm}, "
                               f"train.optimizer={cfg.train.optimizer}, driver={cfg.driver}")
     from meta.rules import RULES
 
