@@ -52,7 +52,15 @@ INTENDED_CHANGES = {
     # MAML's alpha on MAML's loss scale: cbfinn/maml utils.py L56-58 xent / update_batch_size, differentiated as a
     # sum by tf.gradients in maml.py L90, L101 (docs/protocols.md#maml-inner-loss), for every preset that borrows it
     **{preset: {"inner.loss_reduction": "sum_over_shots"} for preset in (
-        "anil_omniglot_5w1s", "clipped_sgd_omniglot_5w1s", "metacurvature_omniglot_5w1s", "metasgd_omniglot_5w1s")},
+        "clipped_sgd_omniglot_5w1s", "metacurvature_omniglot_5w1s")},
+    # ANIL's runs used cbfinn/maml's TensorFlow code (Raghu et al. 2020, App. C.4) and Meta-SGD has no code of its
+    # own: both presets extend MAML's, so they take cbfinn/maml's knobs (docs/protocols.md#anil, #meta-sgd):
+    # tf.contrib batch norm (beta only, eps 1e-3, not adapted), MAML's init, the last checkpoint, 10 test steps
+    # (Meta-SGD: its paper's single step)
+    **{preset: {"inner.loss_reduction": "sum_over_shots", "eval.checkpoint": "last", "inner.adapt_norm": False,
+                "model.init": "maml", "model.norm_affine": "beta", "model.norm_eps": 0.001,
+                **({"inner.test_steps": 10} if preset.startswith("anil") else {})}
+       for preset in ("anil_omniglot_5w1s", "metasgd_omniglot_5w1s")},
 }
 #: a citation, not a protocol value: rewritten when the sources moved from an external notes file to
 #: docs/protocols.md (every citation is checked by tests/test_protocol_citations.py)
