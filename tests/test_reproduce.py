@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from meta.experiments.tables import (
@@ -27,6 +26,7 @@ from meta.experiments.tables import (
     replace_block,
     run_action,
 )
+from meta.training.checkpoints import load_checkpoint
 from meta.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +366,7 @@ def test_ctrl_c_stops_the_runner_with_one_line_and_its_run_resumes(tmp_path):
     assert proc.returncode == 1, stdout + stderr
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith(f"interrupted: {out / 'maml' / 'seed0'} stopped"), stderr
-    saved = torch.load(out / "maml" / "seed0" / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+    saved = load_checkpoint(out / "maml" / "seed0" / "checkpoint.pt")["step"]
     assert saved > 0
     again = run_script("reproduce.py", str(spec), "--iterations", str(saved + 2), "--out", str(out), *TINY)
     assert again.returncode == 0, again.stdout + again.stderr
